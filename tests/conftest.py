@@ -1,0 +1,45 @@
+"""Shared fixtures: the bundled model pair, held-out prompts, and engine runs shared per session.
+
+Each engine start costs 30 to 60 s on 2 cores, so every engine run that several tests read is a
+session-scoped fixture, run once in its own subprocess (``vllm_mtp_gemma4.bench.job``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_mtp_gemma4.bench.job import Job, JobResult, run_job
+from vllm_mtp_gemma4.checkpoint import FIXTURE_DIR
+
+TARGET = FIXTURE_DIR / "target"
+ASSISTANT = FIXTURE_DIR / "assistant"
+ASSISTANT_CENTROIDS = FIXTURE_DIR / "assistant-centroids"
+GREEDY_TOKENS = 64
+# fp32 and no torch.compile: exact comparisons with Hugging Face, and the fastest engine start.
+ENGINE = {"model": str(TARGET), "dtype": "float32", "enforce_eager": True, "max_model_len": 2048}
+
+
+def mtp_config(k: int = 3, assistant=ASSISTANT) -> dict:
+    return {"method": "mtp", "model": str(assistant), "num_speculative_tokens": k}
+
+
+@pytest.fixture(scope="session")
+def held_out_prompts() -> list[str]:
+    """32 prompts cut from standard-library files the fixture never trained on."""
+    return json.loads((FIXTURE_DIR / "held_out_prompts.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def plain_greedy(held_out_prompts) -> JobResult:
+    """Plain decoding (no speculation), greedy, plugin loaded."""
+    return run_job(Job(engine=ENGINE, prompts=held_out_prompts,
+                       sampling={"temperature": 0.0, "max_tokens": GREEDY_TOKENS}))
+
+
+@pytest.fixture(scope="session")
+def upstream_mtp_greedy(held_out_prompts) -> JobResult:
+    """vLLM's own Gemma 4 MTP path (plugins off), K=3, greedy."""
+    return run_job(Job(engine={**ENGINE, "speculative_config": mtp_config(3)}, prompts=held_out_prompts,
+                       sampling={"temperature": 0.0, "max_tokens": GREEDY_TOKENS}, plugins=False))

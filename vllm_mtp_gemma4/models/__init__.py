@@ -1,0 +1,1 @@
+"""The Gemma 4 MTP draft model, one file per model."""

@@ -1,0 +1,32 @@
+"""Registration with vLLM: the only module that touches vLLM's registries.
+
+vLLM calls ``register()`` through the ``vllm.general_plugins`` entry point in every process
+(API server, engine core, workers, Ray actors), sometimes more than once per process, so it
+must be idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+
+from vllm_mtp_gemma4 import __version__
+
+PLUGIN_NAME = "mtp_gemma4"
+_registered_pid: int | None = None
+
+
+def register() -> None:
+    """Entry point of ``vllm.general_plugins``; safe to call any number of times."""
+    global _registered_pid
+    if _registered_pid == os.getpid():
+        return
+    _registered_pid = os.getpid()
+
+    from vllm.logger import init_logger
+
+    init_logger(__name__).info("vllm-mtp-gemma4 %s plugin loaded (pid %d)", __version__, os.getpid())
+
+
+def is_registered() -> bool:
+    """Whether ``register()`` has run in this process."""
+    return _registered_pid == os.getpid()

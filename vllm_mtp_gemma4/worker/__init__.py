@@ -1,0 +1,1 @@
+"""The fused target-verify model runner and its worker."""
