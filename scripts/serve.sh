@@ -12,7 +12,7 @@ export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 python -m vllm_mtp_gemma4.checkpoint "$MODEL" fixtures/gemma4-tiny/assistant
 
 vllm serve "$MODEL" --host 127.0.0.1 --port "$PORT" --served-model-name gemma4-tiny \
-  --speculative-config "$(cat configs/mtp.json)" --reasoning-parser gemma4 \
+  --speculative-config configs/mtp.json --reasoning-parser gemma4 \
   --max-model-len 4096 --gpu-memory-utilization 0.2 "$@" &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' INT TERM EXIT

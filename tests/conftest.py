@@ -43,3 +43,12 @@ def upstream_mtp_greedy(held_out_prompts) -> JobResult:
     """vLLM's own Gemma 4 MTP path (plugins off), K=3, greedy."""
     return run_job(Job(engine={**ENGINE, "speculative_config": mtp_config(3)}, prompts=held_out_prompts,
                        sampling={"temperature": 0.0, "max_tokens": GREEDY_TOKENS}, plugins=False))
+
+
+@pytest.fixture(scope="session")
+def plugin_mtp_greedy(held_out_prompts, tmp_path_factory) -> JobResult:
+    """The plugin's proposer, K=3, greedy, configured by an mtp.json file path."""
+    path = tmp_path_factory.mktemp("config") / "mtp.json"
+    path.write_text(json.dumps({**mtp_config(3), "vllm_mtp_gemma4": {}}))
+    return run_job(Job(engine={**ENGINE, "speculative_config": str(path)}, prompts=held_out_prompts,
+                       sampling={"temperature": 0.0, "max_tokens": GREEDY_TOKENS}))

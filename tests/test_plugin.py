@@ -26,7 +26,7 @@ def test_register_is_idempotent():
             records.append(record)
 
     handler = Collect()
-    logging.getLogger(plugin.__name__).addHandler(handler)
+    logging.getLogger(f"vllm.{plugin.__name__}").addHandler(handler)
     try:
         plugin._registered_pid = None
         plugin.register()
@@ -35,7 +35,7 @@ def test_register_is_idempotent():
 
         load_general_plugins()  # vLLM's own loader, which may run again in the same process
     finally:
-        logging.getLogger(plugin.__name__).removeHandler(handler)
+        logging.getLogger(f"vllm.{plugin.__name__}").removeHandler(handler)
     assert plugin.is_registered()
     assert sum("plugin loaded" in r.getMessage() for r in records) == 1
 

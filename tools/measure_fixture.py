@@ -8,6 +8,7 @@ Acceptance is measured with vLLM's own Gemma 4 MTP path (plugins off), K=3, gree
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -23,17 +24,17 @@ def measure() -> dict:
               "max_model_len": 2048}
     sampling = {"temperature": 0.0, "max_tokens": MAX_TOKENS}
     plain = run_job(Job(engine=engine, prompts=prompts, sampling=sampling))
-    result = {"prompts": len(prompts), "max_tokens": MAX_TOKENS, "k": 3, "upstream_mtp": {}}
-    for name in ("assistant", "assistant-centroids"):
+    result = {"prompts": len(prompts), "max_tokens": MAX_TOKENS, "k": 3, "upstream_mtp": {}, "plugin_mtp": {}}
+    for (key, plugins), name in itertools.product((("upstream_mtp", False), ("plugin_mtp", True)),
+                                                  ("assistant", "assistant-centroids")):
         spec = {"method": "mtp", "model": str(FIXTURE_DIR / name), "num_speculative_tokens": 3}
         try:
             run = run_job(Job(engine={**engine, "speculative_config": spec}, prompts=prompts,
-                              sampling=sampling, plugins=False))
+                              sampling=sampling, plugins=plugins))
         except RuntimeError as e:
-            last = [line for line in str(e).splitlines() if "Error" in line]
-            result["upstream_mtp"][name] = {"error": last[-1].strip() if last else "failed"}
+            result[key][name] = {"error": str(e).splitlines()[0].split(": ", 1)[1]}
             continue
-        result["upstream_mtp"][name] = {
+        result[key][name] = {
             "mean_acceptance_length": round(run.spec.mean_acceptance_length, 3),
             "acceptance_per_position": [round(a, 3) for a in run.spec.acceptance_rate_per_pos],
             "greedy_identical_to_plain": sum(a == b for a, b in zip(run.token_ids, plain.token_ids)),
@@ -43,11 +44,12 @@ def measure() -> dict:
 
 def model_card(training: dict, corpus: dict, acceptance: dict) -> str:
     plain = acceptance["upstream_mtp"]["assistant"]
-    centroid = acceptance["upstream_mtp"]["assistant-centroids"]
-    centroid_line = (
-        f"upstream vLLM cannot run it on CPU: `{centroid['error']}`" if "error" in centroid
-        else f"mean acceptance length {centroid['mean_acceptance_length']}"
-    )
+
+    def line(run: dict) -> str:
+        if "error" in run:
+            return f"fails to start: `{run['error']}`"
+        return (f"mean acceptance length **{run['mean_acceptance_length']}**, per position "
+                f"{run['acceptance_per_position']}, greedy identical to plain for {run['greedy_identical_to_plain']}")
     return f"""# gemma4-tiny: a trained tiny Gemma 4 target and MTP assistants
 
 Test and benchmark fixture for vllm-mtp-gemma4. Made by `python tools/train_fixture.py`
@@ -94,7 +96,10 @@ opens a thinking block with `enable_thinking=True`. `<eos>` and `<turn|>` end ge
   - plain assistant: mean acceptance length **{plain['mean_acceptance_length']}**, per-position acceptance
     {plain['acceptance_per_position']}; greedy output identical to plain decoding for
     {plain['greedy_identical_to_plain']} of {acceptance['prompts']} prompts;
-  - centroid assistant: {centroid_line}.
+  - centroid assistant: {line(acceptance["upstream_mtp"]["assistant-centroids"])}.
+- The same through the plugin's proposer (vllm-mtp-gemma4), which runs the centroid head on CPU:
+  - plain assistant: {line(acceptance["plugin_mtp"]["assistant"])};
+  - centroid assistant: {line(acceptance["plugin_mtp"]["assistant-centroids"])}.
 """
 
 

@@ -22,9 +22,11 @@ def register() -> None:
         return
     _registered_pid = os.getpid()
 
-    from vllm.logger import init_logger
+    from vllm_mtp_gemma4 import patches
+    from vllm_mtp_gemma4.log import get_logger
 
-    init_logger(__name__).info("vllm-mtp-gemma4 %s plugin loaded (pid %d)", __version__, os.getpid())
+    patches.apply()
+    get_logger(__name__).info("vllm-mtp-gemma4 %s plugin loaded (pid %d)", __version__, os.getpid())
 
 
 def is_registered() -> bool:

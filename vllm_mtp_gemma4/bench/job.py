@@ -2,7 +2,8 @@
 
 Each job gets its own process, so jobs with the plugin on and off (upstream vLLM, selected by
 ``VLLM_PLUGINS`` naming a plugin that does not exist) never share vLLM's process-wide state.
-Tests and the benchmark both use it.
+Tests use ``run_job``. The benchmark uses ``EngineWorker``: an engine kept alive in its own
+process between timed passes, so passes of several live engines can be interleaved.
 
     echo '{"engine": {...}, "prompts": [...], "sampling": {...}}' | python -m vllm_mtp_gemma4.bench.job out.json
 """
@@ -11,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 PLUGINS_OFF = "vllm-mtp-gemma4-disabled"  # names no installed plugin, so none loads
 DEFAULT_ENV = {
@@ -28,14 +32,19 @@ DEFAULT_ENV = {
 
 @dataclass
 class Job:
-    """What to run: ``LLM(**engine)`` then ``generate(prompts, SamplingParams(**sampling))``."""
+    """What to run: ``LLM(**engine)``, then ``generate`` over ``prompts``.
+
+    ``sampling`` is one ``SamplingParams`` dict for all prompts, or one per prompt. ``batches``
+    splits the prompts into consecutive ``generate`` calls of these sizes (default: one call).
+    """
 
     engine: dict[str, Any]
     prompts: list[str] | list[list[int]]
-    sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "max_tokens": 64})
+    sampling: dict[str, Any] | list[dict[str, Any]] = field(
+        default_factory=lambda: {"temperature": 0.0, "max_tokens": 64})
     plugins: bool = True
     env: dict[str, str] = field(default_factory=dict)
-    repeats: int = 1
+    batches: list[int] | None = None
 
 
 @dataclass
@@ -54,39 +63,103 @@ class SpecMetrics:
     def acceptance_rate_per_pos(self) -> list[float]:
         return [a / self.num_drafts for a in self.accepted_per_pos] if self.num_drafts else []
 
+    def __add__(self, other: SpecMetrics) -> SpecMetrics:
+        return self._combine(other, 1)
+
+    def __sub__(self, other: SpecMetrics) -> SpecMetrics:
+        return self._combine(other, -1)
+
+    def _combine(self, other: SpecMetrics, sign: int) -> SpecMetrics:
+        width = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
+        mine, theirs = (v + [0] * (width - len(v)) for v in (self.accepted_per_pos, other.accepted_per_pos))
+        return SpecMetrics(
+            self.num_drafts + sign * other.num_drafts,
+            self.num_draft_tokens + sign * other.num_draft_tokens,
+            self.num_accepted_tokens + sign * other.num_accepted_tokens,
+            [a + sign * b for a, b in zip(mine, theirs)],
+        )
+
 
 @dataclass
 class JobResult:
     token_ids: list[list[int]]
     texts: list[str]
     finish_reasons: list[str]
+    stop_reasons: list[int | str | None]  # the stop string or token that ended each request, if any
     spec: SpecMetrics
-    seconds: list[float]  # wall time of each repeat of generate()
+    seconds: list[float]  # wall time of each generate() call
     generated_tokens: int
     metrics: dict[str, float]  # every counter and gauge vLLM reported, by name
+    kv_blocks: int  # KV cache blocks the engine allocated
     log: str = ""  # the subprocess's whole stdout and stderr
+
+
+# Phases of one speculative step, in execution order, for ``RunResult.step_time_split``.
+STEP_PHASES = ("target", "verify", "shift", "draft", "host")
+
+
+@dataclass
+class RunResult:
+    """One timed pass of an ``EngineWorker``'s engine over a prompt list, in batches."""
+
+    seconds: float  # wall time of the generate() calls only
+    generated_tokens: int
+    spec: SpecMetrics  # this pass's share of the engine's spec-decode counters
+    peak_rss_bytes: int  # high-water resident memory of the engine's processes so far, summed
+    # Seconds per engine step by phase (STEP_PHASES). Upstream vLLM reports no such split, so it
+    # stays empty (not measured) until the plugin's proposer fills it.
+    step_time_split: dict[str, float] = field(default_factory=dict)
 
 
 def _engine_defaults(engine: dict[str, Any]) -> dict[str, Any]:
     return {"gpu_memory_utilization": 0.2, "disable_log_stats": False, "seed": 0, **engine}
 
 
+def _job_env(plugins: bool, env: dict[str, str]) -> dict[str, str]:
+    merged = {**os.environ, **DEFAULT_ENV, **env}
+    if not plugins:
+        merged["VLLM_PLUGINS"] = PLUGINS_OFF
+    return merged
+
+
+def _prompt_inputs(prompts: list[str] | list[list[int]]) -> list:
+    if prompts and isinstance(prompts[0], list):
+        return [{"prompt_token_ids": p} for p in prompts]
+    return list(prompts)
+
+
 def run_in_process(job: Job) -> JobResult:
     """Run ``job`` here (the subprocess side)."""
     from vllm import LLM, SamplingParams
-    from vllm.v1.metrics.reader import Counter, Gauge, Vector
 
     llm = LLM(**_engine_defaults(job.engine))
-    params = SamplingParams(**job.sampling)
-    prompts: list = (
-        [{"prompt_token_ids": p} for p in job.prompts] if job.prompts and isinstance(job.prompts[0], list)
-        else list(job.prompts)
+    prompts = _prompt_inputs(job.prompts)
+    params = ([SamplingParams(**s) for s in job.sampling] if isinstance(job.sampling, list)
+              else [SamplingParams(**job.sampling)] * len(prompts))
+    seconds, outputs, start = [], [], 0
+    for size in job.batches or [len(prompts)]:
+        begin = time.perf_counter()
+        outputs += llm.generate(prompts[start:start + size], params[start:start + size], use_tqdm=False)
+        seconds.append(time.perf_counter() - begin)
+        start += size
+    spec, flat = _read_metrics(llm)
+    return JobResult(
+        token_ids=[list(o.outputs[0].token_ids) for o in outputs],
+        texts=[o.outputs[0].text for o in outputs],
+        finish_reasons=[str(o.outputs[0].finish_reason) for o in outputs],
+        stop_reasons=[o.outputs[0].stop_reason for o in outputs],
+        kv_blocks=llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        spec=spec,
+        seconds=seconds,
+        generated_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
+        metrics=flat,
     )
-    seconds, outputs = [], []
-    for _ in range(job.repeats):
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        seconds.append(time.perf_counter() - start)
+
+
+def _read_metrics(llm: Any) -> tuple[SpecMetrics, dict[str, float]]:
+    """The engine's spec-decode counters so far, and every counter and gauge by name."""
+    from vllm.v1.metrics.reader import Counter, Gauge, Vector
+
     spec, flat = SpecMetrics(), {}
     for m in llm.get_metrics():
         if isinstance(m, (Counter, Gauge)):
@@ -99,22 +172,18 @@ def run_in_process(job: Job) -> JobResult:
             spec.num_accepted_tokens += m.value
         elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos" and isinstance(m, Vector):
             spec.accepted_per_pos = [a + b for a, b in zip(spec.accepted_per_pos or [0] * len(m.values), m.values)]
-    return JobResult(
-        token_ids=[list(o.outputs[0].token_ids) for o in outputs],
-        texts=[o.outputs[0].text for o in outputs],
-        finish_reasons=[str(o.outputs[0].finish_reason) for o in outputs],
-        spec=spec,
-        seconds=seconds,
-        generated_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
-        metrics=flat,
-    )
+    return spec, flat
+
+
+def first_error(log: str) -> str:
+    """The first exception line in a log: the root cause, ahead of the wrappers that re-raise it."""
+    match = re.search(r"\b\w+(?:Error|Exception): .+", log)
+    return match.group(0).strip() if match else "no exception in the log"
 
 
 def run_job(job: Job, timeout: float = 900) -> JobResult:
     """Run ``job`` in a fresh Python process; raise ``RuntimeError`` with the log tail on failure."""
-    env = {**os.environ, **DEFAULT_ENV, **job.env}
-    if not job.plugins:
-        env["VLLM_PLUGINS"] = PLUGINS_OFF
+    env = _job_env(job.plugins, job.env)
     with tempfile.TemporaryDirectory(prefix="mtp-job-") as tmp:
         out, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
         with log.open("w") as log_file:
@@ -125,14 +194,133 @@ def run_job(job: Job, timeout: float = 900) -> JobResult:
             )
         text = log.read_text(errors="replace")
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"engine job failed (exit {proc.returncode}):\n{text[-6000:]}")
+            raise RuntimeError(f"engine job failed (exit {proc.returncode}): {first_error(text)}\n{text[-6000:]}")
         data = json.loads(out.read_text())
     data["spec"] = SpecMetrics(**data["spec"])
     data["log"] = text
     return JobResult(**data)
 
 
+class EngineWorker:
+    """``LLM(**engine)`` kept alive in its own process, answering timed passes one at a time.
+
+    Like ``run_job``, each engine gets a fresh process (plugin on or off). Keeping it alive lets the
+    benchmark interleave passes of several engines, so machine noise spreads evenly over them.
+    """
+
+    def __init__(self, engine: dict[str, Any], log_path: Path, plugins: bool = True,
+                 env: dict[str, str] | None = None, timeout: float = 900) -> None:
+        self.log_path, self._timeout = log_path, timeout
+        read_fd, write_fd = os.pipe()  # replies on their own pipe: vLLM logs to stdout
+        with log_path.open("w") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "vllm_mtp_gemma4.bench.job", "--worker", str(write_fd)],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
+                env=_job_env(plugins, env or {}), cwd=log_path.parent, pass_fds=(write_fd,),
+                start_new_session=True,  # one process group, to kill the engine core with it
+            )
+        os.close(write_fd)  # so a dead worker reads as end of file
+        self._replies = os.fdopen(read_fd)
+        self._send({"engine": engine})
+        self.info: dict[str, Any] = self._reply()  # kv_blocks, block_size
+
+    def generate(self, prompts: list[str] | list[list[int]], sampling: dict[str, Any],
+                 batch_size: int) -> RunResult:
+        """Generate for ``prompts`` in consecutive ``generate`` calls of ``batch_size`` prompts."""
+        self._send({"prompts": prompts, "sampling": sampling, "batch_size": batch_size})
+        data = self._reply()
+        return RunResult(**{**data, "spec": SpecMetrics(**data["spec"])})
+
+    def close(self) -> None:
+        try:
+            self._proc.stdin.close()  # end of input: the worker shuts its engine down and exits
+        except BrokenPipeError:  # it already exited
+            pass
+        try:
+            self._proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+        self._replies.close()
+
+    def __enter__(self) -> EngineWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self._proc.stdin.write(json.dumps(message) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            self._fail("engine worker exited")
+
+    def _reply(self) -> dict[str, Any]:
+        ready, _, _ = select.select([self._replies], [], [], self._timeout)
+        line = self._replies.readline() if ready else ""
+        if not line:
+            self._fail("engine worker exited" if ready else f"no reply within {self._timeout:.0f} s")
+        return json.loads(line)
+
+    def _fail(self, why: str) -> NoReturn:
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self.close()
+        text = self.log_path.read_text(errors="replace")
+        raise RuntimeError(f"{why} (exit {self._proc.returncode}), log {self.log_path}:\n{text[-6000:]}")
+
+
+def _peak_rss_bytes() -> int:
+    """High-water resident memory of this process and its children (the engine core), summed.
+
+    Each process's own peak (VmHWM), so pages shared between them count once per process.
+    """
+    import psutil
+
+    total = 0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        total += int(match.group(1)) * 1024 if match else 0
+    return total
+
+
+def _timed_pass(llm: Any, prompts: list[str] | list[list[int]], sampling: dict[str, Any],
+                batch_size: int) -> RunResult:
+    from vllm import SamplingParams
+
+    params, inputs = SamplingParams(**sampling), _prompt_inputs(prompts)
+    before, seconds, tokens = _read_metrics(llm)[0], 0.0, 0
+    for i in range(0, len(inputs), batch_size):
+        start = time.perf_counter()
+        outputs = llm.generate(inputs[i:i + batch_size], params, use_tqdm=False)
+        seconds += time.perf_counter() - start
+        tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+    return RunResult(seconds, tokens, _read_metrics(llm)[0] - before, _peak_rss_bytes())
+
+
+def serve(reply_fd: int) -> None:
+    """Worker side of ``EngineWorker``: start the engine, then answer one request per stdin line."""
+    from vllm import LLM
+
+    llm = LLM(**_engine_defaults(json.loads(sys.stdin.readline())["engine"]))
+    cache = llm.llm_engine.vllm_config.cache_config
+    with os.fdopen(reply_fd, "w") as replies:
+        replies.write(json.dumps({"kv_blocks": cache.num_gpu_blocks, "block_size": cache.block_size}) + "\n")
+        replies.flush()
+        for line in sys.stdin:
+            replies.write(json.dumps(asdict(_timed_pass(llm, **json.loads(line)))) + "\n")
+            replies.flush()
+
+
 def main() -> None:
+    if sys.argv[1] == "--worker":
+        serve(int(sys.argv[2]))
+        return
     job = Job(**json.loads(sys.stdin.read()))
     result = run_in_process(job)
     Path(sys.argv[1]).write_text(json.dumps(asdict(result)))

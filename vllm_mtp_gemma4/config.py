@@ -1,0 +1,174 @@
+"""``mtp.json``: loading, validation and the plugin's own section. No vLLM import.
+
+One file holds vLLM's standard ``SpeculativeConfig`` keys and, under ``"vllm_mtp_gemma4"``, the
+plugin's settings. The section is validated and removed before vLLM sees the rest (vLLM forbids
+unknown keys), then travels to every worker in ``VllmConfig.additional_config[SECTION]``.
+
+Every check here runs before any weights load and raises ``MTPConfigError``, whose message is one
+line naming the file, key or field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+SECTION = "vllm_mtp_gemma4"
+MTP_METHODS = ("mtp", "gemma4_mtp")
+GEMMA4_TARGET_TYPES = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+GEMMA4_ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
+COMMENT_PREFIX = "//"  # JSON has no comments: keys starting with "//" annotate a config file and are dropped
+
+
+class MTPConfigError(ValueError):
+    """Bad speculative configuration; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """The plugin's section of ``mtp.json``. Every key is documented in the README."""
+
+    @classmethod
+    def from_dict(cls, section: Any, where: str = SECTION) -> PluginConfig:
+        if not isinstance(section, dict):
+            raise MTPConfigError(f"{where}: must be a JSON object, got {type(section).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        for key in section:
+            if key not in known:
+                allowed = ", ".join(sorted(known)) or "none yet"
+                raise MTPConfigError(f"{where}.{key}: unknown key (allowed: {allowed})")
+        return cls(**section)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_json_file(path: Path) -> Any:
+    """Parse a JSON file; malformed input reports line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise MTPConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MTPConfigError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def load_speculative_config(value: str | dict[str, Any]) -> dict[str, Any]:
+    """``--speculative-config`` / ``speculative_config=``: a dict, inline JSON, or a JSON file path."""
+    loaded = value if isinstance(value, dict) else _parse_speculative_config(value)
+    return {k: v for k, v in loaded.items() if not k.startswith(COMMENT_PREFIX)}
+
+
+def _parse_speculative_config(value: str) -> dict[str, Any]:
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MTPConfigError(
+                f"--speculative-config: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            ) from None
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise MTPConfigError(f"--speculative-config: {text}: no such file (give a JSON file or inline JSON)")
+        loaded = read_json_file(path)
+    if not isinstance(loaded, dict):
+        raise MTPConfigError(f"--speculative-config: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def _is_local_path(name: str) -> bool:
+    """A path meant for this machine, as opposed to a Hugging Face hub id such as ``org/model``."""
+    path = Path(name).expanduser()
+    return path.is_absolute() or name.startswith(".") or path.exists() or Path(path.parts[0]).is_dir()
+
+
+def _model_config(name: str, role: str) -> dict[str, Any]:
+    """``config.json`` of a local checkpoint, or the hub's (cached) one for a hub id."""
+    if _is_local_path(name):
+        directory = Path(name).expanduser()
+        if not directory.is_dir():
+            raise MTPConfigError(f"{role}: {name}: directory not found")
+        config = directory / "config.json"
+        if not config.is_file():
+            raise MTPConfigError(f"{role}: {config}: file not found")
+        loaded = read_json_file(config)
+        if not isinstance(loaded, dict):
+            raise MTPConfigError(f"{config}: expected a JSON object")
+        return loaded
+    from transformers import PretrainedConfig
+
+    return PretrainedConfig.get_config_dict(name)[0]
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("text_config") or config
+
+
+def _check_types(spec: dict[str, Any], allowed_keys: set[str]) -> None:
+    for key in spec:
+        if key not in allowed_keys and key != SECTION:
+            raise MTPConfigError(
+                f"speculative config: unknown key {key!r} (allowed: vLLM's SpeculativeConfig fields and {SECTION!r})"
+            )
+    expected = {"method": str, "model": str, "num_speculative_tokens": int,
+                "draft_tensor_parallel_size": int, "quantization": str}
+    for key, kind in expected.items():
+        if key in spec and spec[key] is not None and (
+            not isinstance(spec[key], kind) or isinstance(spec[key], bool)
+        ):
+            raise MTPConfigError(
+                f"speculative config: {key!r} must be {kind.__name__}, got {type(spec[key]).__name__} {spec[key]!r}"
+            )
+
+
+def resolve(spec: dict[str, Any], target_model: str, allowed_keys: set[str]) -> tuple[
+    dict[str, Any], PluginConfig | None
+]:
+    """Split ``spec`` into vLLM's keys and the plugin's config; ``None`` when the plugin does not apply.
+
+    The plugin applies to ``method: mtp`` with a Gemma 4 target and a Gemma 4 assistant draft. A spec
+    that carries the plugin's section must be such a pair.
+    """
+    _check_types(spec, allowed_keys)
+    has_section = SECTION in spec
+    rest = {k: v for k, v in spec.items() if k != SECTION}
+    method = rest.get("method")
+    if method not in MTP_METHODS:
+        if has_section:
+            raise MTPConfigError(f"speculative config: 'method' must be 'mtp' to use {SECTION!r}, got {method!r}")
+        return rest, None
+    target_type = _text_config(_model_config(target_model, "model"))
+    is_gemma4 = target_type.get("model_type") in GEMMA4_TARGET_TYPES
+    if not is_gemma4 and not has_section:
+        return rest, None  # another family's MTP (e.g. DeepSeek): not ours
+    if not is_gemma4:
+        raise MTPConfigError(
+            f"model: {target_model}: target is {target_type.get('model_type')!r}, not Gemma 4 "
+            f"(allowed: {', '.join(GEMMA4_TARGET_TYPES)})"
+        )
+    k = rest.get("num_speculative_tokens")
+    if k is None or k < 1:
+        raise MTPConfigError(f"speculative config: 'num_speculative_tokens' must be an integer >= 1, got {k!r}")
+    draft_name = rest.get("model")
+    if not draft_name:
+        raise MTPConfigError("speculative config: 'model' must name the Gemma 4 assistant checkpoint")
+    draft = _model_config(draft_name, "speculative config 'model'")
+    if draft.get("model_type") not in GEMMA4_ASSISTANT_TYPES:
+        raise MTPConfigError(
+            f"speculative config 'model': {draft_name}: model_type {draft.get('model_type')!r} is not a Gemma 4 "
+            f"assistant (allowed: {', '.join(GEMMA4_ASSISTANT_TYPES)})"
+        )
+    hidden = target_type.get("hidden_size")
+    backbone = draft.get("backbone_hidden_size")
+    if backbone != hidden:
+        raise MTPConfigError(
+            f"speculative config 'model': {draft_name}: backbone_hidden_size {backbone} does not match the "
+            f"target's hidden_size {hidden}"
+        )
+    return rest, PluginConfig.from_dict(spec.get(SECTION, {}))
