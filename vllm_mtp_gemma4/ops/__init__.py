@@ -2,3 +2,54 @@
 
 Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 """
+
+from .merge import merge_drafts, merged_offsets, tail_indices
+from .sampling import (
+    GREEDY_TEMPERATURE,
+    SamplingTensors,
+    process_logits,
+    sample_from_probs,
+    uniform_noise,
+)
+from .shift import gather_at, shift_for_draft
+from .thinking import thinking_flags
+from .verify import (
+    Verdict,
+    Verification,
+    greedy_verdict,
+    next_tokens,
+    relaxed_verdict,
+    resolve,
+    sampled_draft_verdict,
+    sampled_verdict,
+    verify_greedy,
+    verify_relaxed,
+    verify_sampled,
+    verify_step,
+)
+
+__all__ = [
+    "GREEDY_TEMPERATURE",
+    "SamplingTensors",
+    "Verdict",
+    "Verification",
+    "gather_at",
+    "greedy_verdict",
+    "merge_drafts",
+    "merged_offsets",
+    "next_tokens",
+    "process_logits",
+    "relaxed_verdict",
+    "resolve",
+    "sample_from_probs",
+    "sampled_draft_verdict",
+    "sampled_verdict",
+    "shift_for_draft",
+    "tail_indices",
+    "thinking_flags",
+    "uniform_noise",
+    "verify_greedy",
+    "verify_relaxed",
+    "verify_sampled",
+    "verify_step",
+]

@@ -1,0 +1,508 @@
+"""Unit tests of the pure tensor ops of the speculative step (no vLLM, no engine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from vllm_mtp_gemma4.ops import (
+    SamplingTensors,
+    Verification,
+    gather_at,
+    greedy_verdict,
+    merge_drafts,
+    merged_offsets,
+    next_tokens,
+    process_logits,
+    resolve,
+    sample_from_probs,
+    sampled_draft_verdict,
+    sampled_verdict,
+    shift_for_draft,
+    tail_indices,
+    thinking_flags,
+    uniform_noise,
+    verify_greedy,
+    verify_relaxed,
+    verify_sampled,
+    verify_step,
+)
+
+OPEN, CLOSE = 6, 7  # thinking markers in the small test vocabularies
+
+
+def t(values, dtype=None) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype)
+
+
+def logits_with_argmax(top: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, P, V] logits whose argmax at each position is top[B, P], with distinct non-tied values elsewhere."""
+    base = torch.linspace(0.0, 1.0, vocab).expand(*top.shape, vocab)
+    return base + 5.0 * F.one_hot(top, vocab)
+
+
+def sampling(batch: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None) -> SamplingTensors:
+    def full(value, dtype):
+        return value if isinstance(value, torch.Tensor) else torch.full((batch,), value, dtype=dtype)
+
+    seed = torch.arange(batch) if seed is None else seed
+    return SamplingTensors(full(temperature, torch.float32), full(top_k, torch.long), full(top_p, torch.float32),
+                           full(min_p, torch.float32), full(seed, torch.long))
+
+
+# ---------------------------------------------------------------- merge
+
+
+def test_merge_ragged_rows_with_prefill_and_short_rows():
+    tokens = t([10, 20, 21, 22, 30])  # decode row, prefill chunk, decode row
+    offsets = t([0, 1, 4, 5], torch.int32)  # the runner's query_start_loc dtype
+    drafts = t([[11, 12], [98, 99], [31, 32]])
+    merged, new_offsets = merge_drafts(tokens, offsets, drafts, num_drafts=t([2, 0, 1]), pad_id=-1)
+    assert merged.tolist() == [10, 11, 12, 20, 21, 22, -1, -1, 30, 31, -1]
+    assert new_offsets.tolist() == [0, 3, 8, 11]
+    assert merged[tail_indices(new_offsets, 3)].tolist() == [[10, 11, 12], [22, -1, -1], [30, 31, -1]]
+
+
+def test_merged_offsets_on_host_are_old_offsets_plus_i_times_k():
+    offsets = t([0, 1, 5, 6, 9], torch.int32)
+    assert merged_offsets(offsets, 3).tolist() == [0, 4, 11, 15, 21]
+    assert merged_offsets(offsets, 3).dtype == torch.int32
+
+
+def test_merge_decode_batch_is_the_padded_form():
+    new = t([1, 2, 3])
+    drafts = t([[4, 5], [6, 7], [8, 9]])
+    merged, offsets = merge_drafts(new, torch.arange(4), drafts, t([2, 2, 1]))
+    assert merged.view(3, 3).tolist() == [[1, 4, 5], [2, 6, 7], [3, 8, 0]]
+    assert offsets.tolist() == [0, 3, 6, 9]
+
+
+# ---------------------------------------------------------------- counter-based noise
+
+
+def _reference_noise(seed: int, counter: int, stream: int) -> float:
+    """The documented hash in plain Python integers: lowbias32 and murmur3 fmix32 lanes over 32-bit words."""
+    mask = 0xFFFFFFFF
+
+    def mix(x: int, c1: int, c2: int, shift: int) -> int:
+        x ^= x >> 16
+        x = (x * c1) & mask
+        x ^= x >> shift
+        x = (x * c2) & mask
+        return x ^ (x >> 16)
+
+    a = b = 0
+    for word in (seed & mask, (seed >> 32) & mask, counter & mask, (counter >> 32) & mask, stream):
+        a = mix(((a ^ word) + 0x9E3779B9) & mask, 0x7FEB352D, 0x846CA68B, 15)
+        b = mix(((b ^ word) + a) & mask, 0x85EBCA6B, 0xC2B2AE35, 13)
+    return (((a ^ b) >> 9) * 2 + 1) / 2**24
+
+
+def test_noise_matches_the_reference_hash_without_int64_overflow():
+    seeds = [0, 1, -1, 2**62 + 3, -(2**63)]
+    counters = [0, 1, 2**31, 2**40 + 5]
+    got = uniform_noise(t(seeds), t(counters).expand(len(seeds), -1), stream=3)
+    want = [[_reference_noise(s, c, 3) for c in counters] for s in seeds]
+    assert got.dtype == torch.float32
+    assert got.tolist() == want
+
+
+def test_noise_is_independent_of_batch_composition_and_order():
+    seeds = t([7, 8, 9])
+    positions = t([[40, 41, 42], [3, 4, 5], [1000, 1001, 1002]])
+    full = uniform_noise(seeds, positions)
+    perm = t([2, 0])
+    other = uniform_noise(torch.cat([seeds[perm], t([123])]), torch.cat([positions[perm], t([[0, 1, 2]])]))
+    assert torch.equal(other[:2], full[perm])
+    # A row whose counters are shifted by one step sees the same numbers at the same positions.
+    assert torch.equal(uniform_noise(seeds[:1], positions[:1, 1:]), full[:1, 1:])
+
+
+def test_noise_changes_with_seed_high_word_counter_and_stream():
+    base = uniform_noise(t([1]), t([[5]]))
+    for other in (uniform_noise(t([1 + 2**32]), t([[5]])), uniform_noise(t([1]), t([[5 + 2**32]])),
+                  uniform_noise(t([1]), t([[6]])), uniform_noise(t([1]), t([[5]]), stream=1)):
+        assert not torch.equal(other, base)
+    # Streams are not relabelled seeds: with a single xor-fed lane, stream 1 of seed x would be stream 0 of x ^ 1.
+    seeds = torch.arange(1024)
+    by_stream = [uniform_noise(seeds, t([[7]]), stream=s).flatten().sort().values for s in (0, 1)]
+    assert not torch.equal(*by_stream)
+
+
+def test_noise_is_uniform_in_the_open_interval():
+    by_counter = uniform_noise(t([42]), torch.arange(100_000)[None]).flatten()
+    by_seed = uniform_noise(torch.arange(100_000), t([[17]])).flatten()
+    for u in (by_counter, by_seed):
+        assert 0.0 < u.min() and u.max() < 1.0
+        assert stats.kstest(u.double().numpy(), "uniform").pvalue > 1e-3
+
+
+# ---------------------------------------------------------------- processing and drawing
+
+
+def probs_logits(*probs: float) -> torch.Tensor:
+    return torch.log(t(probs))
+
+
+def process(logits: torch.Tensor, **kwargs) -> torch.Tensor:
+    s = sampling(logits.shape[0], **kwargs)
+    return process_logits(logits, s.temperature, s.top_k, s.top_p, s.min_p)
+
+
+def assert_probs(got: torch.Tensor, want) -> None:
+    torch.testing.assert_close(got, torch.as_tensor(want, dtype=torch.float32), atol=1e-6, rtol=1e-5)
+
+
+def test_temperature_scales_logits():
+    logits = t([[1.0, 2.0, 3.0, 0.0]])
+    assert_probs(process(logits, temperature=2.0), torch.softmax(logits / 2, -1))
+
+
+def test_greedy_rows_are_one_hot_on_the_first_argmax():
+    logits = t([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
+    assert_probs(process(logits, temperature=t([0.0, 1e-6]), top_k=1, top_p=0.1), [[0, 1, 0, 0], [0, 0, 0, 1]])
+
+
+def test_top_k_keeps_the_k_most_likely_and_ties_at_the_kth_place():
+    assert_probs(process(probs_logits(0.1, 0.4, 0.2, 0.3)[None], top_k=2), [[0, 4 / 7, 0, 3 / 7]])
+    tied = process(t([[2.0, 1.0, 1.0, 0.0]]), top_k=2)
+    assert (tied[0] > 0).tolist() == [True, True, True, False]
+    assert_probs(process(probs_logits(0.1, 0.4, 0.2, 0.3)[None], top_k=-1), [[0.1, 0.4, 0.2, 0.3]])
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = probs_logits(0.5, 0.3, 0.15, 0.05)[None]
+    assert_probs(process(logits, top_p=0.7), [[0.625, 0.375, 0, 0]])
+    assert_probs(process(logits, top_p=0.85), [[0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]])
+    assert_probs(process(logits, top_p=0.45), [[1, 0, 0, 0]])
+    assert process(t([[0.0, -30.0]]), top_p=1.0)[0, 1] > 0  # top_p = 1 drops nothing, however small
+
+
+def test_top_p_applies_to_the_top_k_renormalized_mass():
+    # After top-2 the mass is [4/7, 3/7]: 4/7 > 0.55 already, so only the first token is left.
+    assert_probs(process(probs_logits(0.4, 0.3, 0.2, 0.1)[None], top_k=2, top_p=0.55), [[1, 0, 0, 0]])
+    assert_probs(process(probs_logits(0.4, 0.3, 0.2, 0.1)[None], top_k=2, top_p=0.6), [[4 / 7, 3 / 7, 0, 0]])
+
+
+def test_min_p_is_relative_to_the_top_probability_and_comes_before_top_p():
+    logits = probs_logits(0.5, 0.3, 0.15, 0.05)[None]
+    assert_probs(process(logits, min_p=0.5), [[0.625, 0.375, 0, 0]])
+    # min_p 0.2 drops 0.05; renormalized, the first two hold 0.8/0.95 > 0.83, so top-p then drops 0.15.
+    assert_probs(process(logits, min_p=0.2, top_p=0.83), [[0.625, 0.375, 0, 0]])
+
+
+def test_processing_uses_each_rows_own_parameters_at_every_position():
+    row = probs_logits(0.5, 0.3, 0.15, 0.05)
+    logits = row.expand(3, 2, 4)
+    got = process(logits, top_k=t([1, 0, 0]), top_p=t([1.0, 0.7, 1.0]), temperature=t([1.0, 1.0, 0.0]))
+    want = [[1, 0, 0, 0], [0.625, 0.375, 0, 0], [1, 0, 0, 0]]
+    assert_probs(got, [[w, w] for w in want])
+
+
+def test_inverse_cdf_draw_never_picks_a_zero_probability_token():
+    probs = t([[1.0, 0.0, 3.0]]).expand(6, 3)  # unnormalized on purpose
+    u = t([2.0**-24, 0.25, 0.2500001, 0.9, 1 - 2.0**-24, 1.0])
+    assert sample_from_probs(probs, u).tolist() == [0, 0, 2, 2, 2, 2]
+
+
+# ---------------------------------------------------------------- greedy verification
+
+
+def test_verify_greedy_accept_reject_short_rows_and_bonus():
+    top = t([[1, 2, 3, 4],   # accept all: bonus 4
+             [5, 2, 3, 4],   # reject first: emit 5
+             [1, 6, 3, 4],   # reject in the middle: emit 6
+             [1, 7, 3, 4],   # one draft, accepted: the argmax after it (7), though slot 2 would match too
+             [2, 2, 3, 4],   # prefill row: no drafts, acceptance forced to 0
+             [1, 2, 3, 4]])  # two drafts, both accepted: the argmax after them
+    drafts = t([[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 7, 3], [2, 2, 3], [1, 2, 3]])
+    result = verify_greedy(logits_with_argmax(top, 8), drafts, num_drafts=t([3, 3, 3, 1, 0, 2]))
+    assert result.num_accepted.tolist() == [3, 0, 1, 1, 0, 2]
+    assert result.recovered.tolist() == top[:, :3].tolist()
+    assert result.bonus.tolist() == [4, 4, 4, 4, 4, 4]
+    assert next_tokens(result).tolist() == [4, 5, 6, 7, 2, 3]
+
+
+def test_next_tokens_indexes_recovered_then_bonus():
+    v = Verification(t([0, 2, 1]), t([[10, 11], [20, 21], [30, 31]]), t([12, 22, 32]))
+    assert next_tokens(v).tolist() == [10, 22, 31]
+
+
+def test_zero_drafts_everywhere():
+    result = verify_greedy(logits_with_argmax(t([[3], [1]]), 5), torch.zeros(2, 0, dtype=torch.long), t([0, 0]))
+    assert result.num_accepted.tolist() == [0, 0]
+    assert next_tokens(result).tolist() == [3, 1]
+
+
+def test_greedy_rows_of_the_fused_step_match_greedy_verification():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 4, 10, generator=gen)
+    # Drafts agree with the argmax most of the time, so every acceptance length shows up.
+    drafts = torch.where(torch.rand(64, 3, generator=gen) < 0.7, logits[:, :3].argmax(-1),
+                         torch.randint(0, 10, (64, 3), generator=gen))
+    num_drafts = torch.randint(0, 4, (64,), generator=gen)
+    step = verify_step(logits, drafts, num_drafts, sampling(64, temperature=0.0, top_k=3, top_p=0.5),
+                       torch.arange(4).expand(64, 4), torch.ones(64, 3, dtype=torch.bool), t([10] * 64), t([1.0] * 64))
+    greedy = verify_greedy(logits, drafts, num_drafts)
+    assert torch.equal(step.num_accepted, greedy.num_accepted)
+    assert torch.equal(next_tokens(step), next_tokens(greedy))
+    assert len(set(greedy.num_accepted.tolist())) == 4
+
+
+# ---------------------------------------------------------------- sampled verification is lossless
+
+ROWS = 30_000
+VOCAB = 6
+# Each position's target logits; the prefix does not change them here, which a real target may do freely.
+TARGET_LOGITS = t([[2.0, 1.5, 1.0, 0.5, 0.0, -3.0], [0.0, 1.0, 0.2, 1.2, -0.5, 0.7], [0.3, 0.0, 0.0, 0.0, 0.0, 0.0]])
+# Power: chi-square, df <= 5, alpha = 1e-3, N = 30,000 rows detects an effect size w = 0.035 (for instance one
+# point of probability moved between two tokens of probability about 0.15) with probability > 0.97
+# (noncentral chi-square, lambda = N w^2 = 37). Fewer rows reach the second position, so its power is lower.
+ALPHA = 1e-3
+
+
+def chi_square_pvalue(tokens: torch.Tensor, p: torch.Tensor) -> float:
+    counts = torch.bincount(tokens, minlength=VOCAB).double()
+    support = p > 0
+    if counts[~support].sum() > 0:
+        return 0.0  # a token p~ rules out: certainly not drawn from p~
+    expected = p[support].double() / p[support].double().sum() * len(tokens)
+    return stats.chisquare(counts[support].numpy(), expected.numpy()).pvalue
+
+
+def emitted(drafts: torch.Tensor, result: Verification, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token emitted at `position`, over the rows that got there (all earlier drafts accepted)."""
+    reached = result.num_accepted >= position
+    token = torch.where(result.num_accepted > position, drafts[:, position], next_tokens(result))
+    return token[reached], reached
+
+
+@pytest.fixture(scope="module")
+def lossless_setup():
+    gen = torch.Generator().manual_seed(1234)
+    s = sampling(ROWS, temperature=0.9, top_k=5, top_p=0.97, min_p=0.02, seed=torch.arange(ROWS) + 10_000)
+    logits = TARGET_LOGITS.expand(ROWS, 3, VOCAB)
+    target = process_logits(logits, s.temperature, s.top_k, s.top_p, s.min_p)
+    # Argmax-like drafts: the mode 60% of the time, else any token, including ones p~ rules out.
+    drafts = torch.where(torch.rand(ROWS, 2, generator=gen) < 0.6, target[:, :2].argmax(-1),
+                         torch.randint(0, VOCAB, (ROWS, 2), generator=gen))
+    positions = torch.arange(100, 103).expand(ROWS, 3)
+    return s, target, drafts, positions
+
+
+def assert_lossless(drafts: torch.Tensor, result: Verification, target: torch.Tensor) -> None:
+    for position in (0, 1):
+        token, _ = emitted(drafts, result, position)
+        assert len(token) > 5_000
+        assert chi_square_pvalue(token, target[0, position]) > ALPHA
+
+
+def test_point_mass_verification_is_lossless(lossless_setup):
+    s, target, drafts, positions = lossless_setup
+    assert (target[0, :2] == 0).any(), "the setup should truncate some tokens"
+    result = verify_sampled(target, drafts, torch.full((ROWS,), 2), uniform_noise(s.seed, positions))
+    assert_lossless(drafts, result, target)
+
+
+def test_the_lossless_test_catches_always_accept_and_unconditioned_resampling(lossless_setup):
+    s, target, drafts, positions = lossless_setup
+    always = Verification(torch.full((ROWS,), 2), drafts, drafts[:, 0])
+    assert chi_square_pvalue(emitted(drafts, always, 0)[0], target[0, 0]) < 1e-12
+    # Subtler bug: on rejection, emit a fresh draw from p~ instead of the draw that was compared.
+    verdict = sampled_verdict(target, drafts, uniform_noise(s.seed, positions))
+    fresh = sample_from_probs(target, uniform_noise(s.seed, positions, stream=1))
+    result = resolve(verdict._replace(emit=fresh), torch.full((ROWS,), 2))
+    assert chi_square_pvalue(emitted(drafts, result, 0)[0], target[0, 0]) < 1e-12
+
+
+def test_sampled_draft_verification_is_lossless(lossless_setup):
+    s, target, _, positions = lossless_setup
+    draft_probs = torch.softmax(t([[0.0, 1.0, 2.0, 0.0, 1.0, 0.5], [1.0, 0.0, 0.0, 2.0, 0.0, 0.0]]), -1)
+    draft_probs = draft_probs.expand(ROWS, 2, VOCAB)
+    drafts = sample_from_probs(draft_probs, uniform_noise(s.seed, positions[:, :2], stream=2))
+    verdict = sampled_draft_verdict(target, draft_probs, drafts, uniform_noise(s.seed, positions[:, :2], stream=1),
+                                    uniform_noise(s.seed, positions))
+    assert_lossless(drafts, resolve(verdict, torch.full((ROWS,), 2)), target)
+    always = Verification(torch.full((ROWS,), 2), drafts, drafts[:, 0])
+    assert chi_square_pvalue(emitted(drafts, always, 0)[0], target[0, 0]) < 1e-12
+
+
+def test_fused_step_rows_do_not_depend_on_the_batch():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(5, 4, 12, generator=gen)
+    drafts = torch.randint(0, 12, (5, 3), generator=gen)
+    s = sampling(5, temperature=t([0.7, 1.0, 0.0, 1.3, 0.9]), top_k=t([0, 5, 0, 3, 8]),
+                 top_p=t([0.9, 1.0, 1.0, 0.8, 0.95]), seed=t([11, 22, 33, 44, 55]))
+    args = (t([3, 2, 3, 1, 3]), s, torch.arange(50, 54).expand(5, 4) + 10 * torch.arange(5)[:, None],
+            torch.rand(5, 3, generator=gen) < 0.5, t([3, 2, 1, 4, 2]), t([0.3, 0.1, 0.5, 0.2, 0.4]))
+
+    def step(rows):
+        picked = [x[rows] if isinstance(x, torch.Tensor) else SamplingTensors(*(f[rows] for f in x)) for x in args]
+        result = verify_step(logits[rows], drafts[rows], *picked)
+        return result.num_accepted, next_tokens(result)
+
+    full = step(torch.arange(5))
+    part = step(t([4, 1, 3]))
+    for got, want in zip(part, full):
+        assert torch.equal(got, want[t([4, 1, 3])])
+
+
+# ---------------------------------------------------------------- relaxed acceptance
+
+
+def relaxed(probs: list[float], draft: int, top_n: int, delta: float) -> tuple[int, int]:
+    """One flagged draft judged against raw-logit probabilities: (num_accepted, next token)."""
+    logits = torch.log(t([probs, probs]))[None]
+    drafts = t([[draft]])
+    result = verify_relaxed(logits, drafts, t([1]), t([[True]]), t([top_n]), t([delta]), greedy_verdict(logits, drafts))
+    return result.num_accepted.item(), next_tokens(result).item()
+
+
+P5 = [0.40, 0.30, 0.15, 0.10, 0.05]
+
+
+def test_relaxed_accepts_near_top_drafts_within_top_n():
+    assert relaxed(P5, 1, top_n=2, delta=0.15) == (1, 0)  # 0.30 >= 0.40 - 0.15: accepted, bonus is top-1
+    assert relaxed(P5, 1, top_n=2, delta=0.05) == (0, 0)  # too far below the top: the top-1 is emitted
+    assert relaxed(P5, 2, top_n=2, delta=1.0) == (0, 0)  # close enough, but third
+
+
+def test_relaxed_with_zero_delta_is_top_1():
+    assert [relaxed(P5, d, top_n=5, delta=0.0)[0] for d in range(5)] == [1, 0, 0, 0, 0]
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 4, 10, generator=gen)
+    drafts = torch.where(torch.rand(64, 3, generator=gen) < 0.7, logits[:, :3].argmax(-1),
+                         torch.randint(0, 10, (64, 3), generator=gen))
+    num_drafts = torch.randint(0, 4, (64,), generator=gen)
+    strict = greedy_verdict(logits, drafts)
+    got = verify_relaxed(logits, drafts, num_drafts, torch.ones(64, 3, dtype=torch.bool), t([10] * 64),
+                         t([0.0] * 64), strict)
+    want = verify_greedy(logits, drafts, num_drafts)
+    assert torch.equal(got.num_accepted, want.num_accepted)
+    assert torch.equal(next_tokens(got), next_tokens(want))
+
+
+def test_relaxed_with_delta_above_top_1_is_top_n_membership():
+    assert [relaxed(P5, d, top_n=3, delta=0.4)[0] for d in range(5)] == [1, 1, 1, 0, 0]
+    assert [relaxed(P5, d, top_n=3, delta=1.0)[0] for d in range(5)] == [1, 1, 1, 0, 0]
+
+
+def test_relaxed_with_n_1_is_top_1_whatever_delta():
+    assert [relaxed(P5, d, top_n=1, delta=1.0)[0] for d in range(5)] == [1, 0, 0, 0, 0]
+
+
+def test_relaxed_ties_share_the_better_place():
+    tied = [0.3, 0.3, 0.2, 0.2]
+    assert [relaxed(tied, d, top_n=3, delta=1.0)[0] for d in range(4)] == [1, 1, 1, 1]  # tie at the 3rd place is in
+    assert [relaxed(tied, d, top_n=2, delta=1.0)[0] for d in range(4)] == [1, 1, 0, 0]
+    assert [relaxed(tied, d, top_n=1, delta=0.0)[0] for d in range(4)] == [1, 1, 0, 0]  # either tied top-1 passes
+    assert relaxed(tied, 3, top_n=1, delta=0.0) == (0, 0)  # rejection emits the first of the tied top-1
+
+
+def test_unflagged_positions_keep_the_strict_result():
+    logits = torch.log(t([P5] * 3))[None]
+    drafts = t([[1, 1]])
+    strict = greedy_verdict(logits, drafts)
+
+    def accepted(flags: list[bool]) -> int:
+        return verify_relaxed(logits, drafts, t([2]), t([flags]), t([5]), t([1.0]), strict).num_accepted.item()
+
+    assert [accepted([False, False]), accepted([True, False]), accepted([True, True])] == [0, 1, 2]
+
+
+def test_relaxed_bonus_after_a_short_row_is_the_strict_draw():
+    logits = torch.log(t([P5] * 3))[None]
+    drafts = t([[1, 2]])
+    # As if sampled: the strict rule emits 2 at position 1, where the top-1 is 0.
+    strict = greedy_verdict(logits, drafts)._replace(emit=t([[0, 2, 4]]))
+    result = verify_relaxed(logits, drafts, t([1]), t([[True, True]]), t([5]), t([1.0]), strict)
+    assert result.num_accepted.tolist() == [1]
+    assert next_tokens(result).tolist() == [2]  # slot 2 is past the row's drafts: no relaxed judgement there
+
+
+def block_logits(rows: int) -> torch.Tensor:
+    """V=8, K=3. Position 0 prefers OPEN (or CLOSE), positions 1-2 prefer token 4 with 2 and 3 close behind."""
+    near = torch.log(t([0.02, 0.02, 0.25, 0.2, 0.45, 0.02, 0.02, 0.02]))
+    first = torch.full((8,), -20.0)
+    last = torch.full((8,), -20.0)
+    last[5] = 0.0
+    return torch.stack([first, near, near, last]).expand(rows, 4, 8).clone()
+
+
+def test_thinking_flags_follow_markers_inside_the_row():
+    tokens = t([[1, OPEN, 2, CLOSE, 3], [1, 2, CLOSE, 3, OPEN], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5]])
+    flags = thinking_flags(t([False, True, True, False]), tokens, OPEN, CLOSE)
+    assert flags.tolist() == [[False, True, True, False, False], [True, True, False, False, True],
+                              [True] * 5, [False] * 5]
+
+
+def test_a_thinking_block_opening_in_the_middle_of_the_drafts():
+    logits = block_logits(3)
+    logits[0, 0, OPEN] = logits[2, 0, CLOSE] = 0.0
+    logits[1, 0, 1] = 0.0
+    merged = t([[1, OPEN, 2, 3], [1, 1, 2, 3], [1, CLOSE, 2, 3]])
+    start = t([False, False, True])
+    flags = thinking_flags(start, merged[:, :3], OPEN, CLOSE)
+    assert flags.tolist() == [[False, True, True], [False, False, False], [True, False, False]]
+    drafts = merged[:, 1:]
+    result = verify_relaxed(logits, drafts, t([3, 3, 3]), flags, t([3] * 3), t([0.3] * 3),
+                            greedy_verdict(logits, drafts))
+    # Row 0 opens a block with its first draft: the next two are judged relaxed and pass. Rows 1-2 stay strict.
+    assert result.num_accepted.tolist() == [3, 1, 1]
+    assert next_tokens(result).tolist() == [5, 4, 4]
+
+
+def test_fused_step_relaxes_sampled_rows_only():
+    logits = block_logits(2)
+    logits[:, 0, OPEN] = 0.0
+    drafts = t([[OPEN, 2, 3]] * 2)
+    flags = thinking_flags(t([False, False]), torch.cat([t([[1], [1]]), drafts[:, :2]], 1), OPEN, CLOSE)
+    result = verify_step(logits, drafts, t([3, 3]), sampling(2, temperature=t([1.0, 0.0])),
+                         torch.arange(4).expand(2, 4), flags, t([3, 3]), t([0.3, 0.3]))
+    assert result.num_accepted.tolist() == [3, 1]
+    assert next_tokens(result).tolist() == [5, 4]
+
+
+# ---------------------------------------------------------------- shift
+
+
+def test_shift_places_the_next_token_at_num_accepted_and_gathers_hidden():
+    merged = t([[1, 11, 12, 13]] * 3)
+    hidden = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 4, 2)
+    shifted, h = shift_for_draft(merged, t([0, 1, 3]), t([90, 91, 93]), hidden)
+    assert shifted.tolist() == [[90, 12, 13, 90], [11, 91, 13, 91], [11, 12, 13, 93]]
+    assert h.tolist() == [hidden[0, 0].tolist(), hidden[1, 1].tolist(), hidden[2, 3].tolist()]
+
+
+def test_gather_at_picks_one_position_per_row():
+    x = torch.arange(2 * 3 * 2 * 2).view(2, 3, 2, 2)
+    assert torch.equal(gather_at(x, t([2, 0])), torch.stack([x[0, 2], x[1, 0]]))
+
+
+# ---------------------------------------------------------------- no host syncs
+
+
+def test_ops_trace_as_single_graphs():
+    """Dynamo with fullgraph=True refuses .item(), data-dependent branches and data-dependent shapes."""
+    torch._dynamo.reset()
+    logits = torch.randn(3, 4, 10)
+    drafts = torch.randint(0, 10, (3, 3))
+    args = (drafts, t([3, 1, 0]), sampling(3, temperature=t([0.0, 0.8, 1.0]), top_k=t([0, 4, 2])),
+            torch.arange(4).expand(3, 4), torch.ones(3, 3, dtype=torch.bool), t([2, 2, 2]), t([0.3, 0.3, 0.3]))
+
+    def step(logits, *args):
+        result = verify_step(logits, *args)
+        merged = torch.cat([logits.argmax(-1)[:, :1], drafts], 1)
+        shifted, h = shift_for_draft(merged, result.num_accepted, next_tokens(result), logits)
+        return shifted, h, thinking_flags(args[4][:, 0], merged, OPEN, CLOSE)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    for got, want in zip(compiled(logits, *args), step(logits, *args)):
+        assert torch.equal(got, want)
+    merge = torch.compile(merge_drafts, backend="eager", fullgraph=True)
+    for got, want in zip(merge(t([1, 2, 3, 4]), t([0, 1, 3, 4]), drafts, t([3, 0, 2])),
+                         merge_drafts(t([1, 2, 3, 4]), t([0, 1, 3, 4]), drafts, t([3, 0, 2]))):
+        assert torch.equal(got, want)
+

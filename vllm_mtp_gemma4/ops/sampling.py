@@ -1,0 +1,116 @@
+"""Counter-based randomness and the processed target distribution p~ that sampled verification draws from."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GREEDY_TEMPERATURE = 1e-5
+"""Rows with a temperature below this are greedy: their p~ is a point mass on the (first) argmax."""
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9  # added every round: lowbias32(0) == 0, so zero words must still move the state
+
+
+class SamplingTensors(NamedTuple):
+    """Per-row sampling parameters, each of shape [B]."""
+
+    temperature: Tensor  # float; below GREEDY_TEMPERATURE: greedy
+    top_k: Tensor  # int; <= 0 or >= V: off
+    top_p: Tensor  # float in (0, 1]; >= 1: off
+    min_p: Tensor  # float in [0, 1]; 0: off
+    seed: Tensor  # int64, any value
+
+
+def uniform_noise(seed: Tensor, counter: Tensor, stream: int = 0) -> Tensor:
+    """Float32 uniforms in (0, 1) that depend only on (seed, counter, stream), never on the batch around them.
+
+    seed[B] is broadcast over the trailing dims of counter[B, ...] (int64, e.g. the absolute position of the token
+    being drawn). ``stream`` separates independent uses at the same position (a draw vs. an accept test).
+    The hash keeps a 64-bit state as two 32-bit lanes held in int64 tensors, so no product ever overflows and the
+    bits are identical on CPU and GPU. One 32-bit lane alone would make rows' sequences shifted copies of each
+    other (seed x, stream 1 = seed x^1, stream 0); the second lane, fed from the first, breaks that.
+    """
+    seed = seed.long().reshape(seed.shape + (1,) * (counter.dim() - seed.dim()))
+    counter = counter.long()
+    a: Tensor | int = 0
+    b: Tensor | int = 0
+    words = (seed & _MASK32, (seed >> 32) & _MASK32, counter & _MASK32, (counter >> 32) & _MASK32, stream & _MASK32)
+    for word in words:
+        a = _lowbias32(((a ^ word) + _GOLDEN32) & _MASK32)
+        b = _fmix32(((b ^ word) + a) & _MASK32)
+    # 23 random bits as odd multiples of 2**-24: exact in float32, never 0 or 1.
+    return (((a ^ b) >> 9) * 2 + 1).float() * 2.0**-24
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32): c is split in 16-bit halves so every partial product fits in int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _lowbias32(x: Tensor) -> Tensor:
+    """C. Wellons' lowbias32: a 32-bit bijection with near-ideal avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    """MurmurHash3's finalizer: another 32-bit bijection, so the two lanes do not mirror each other."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def process_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """p~[B, ..., V] (float32, rows sum to 1) from logits[B, ..., V] and per-row parameters [B].
+
+    Order, as in vLLM's sampler: temperature, then min_p (keep p >= min_p * p_max), then top-k, then top-p on the
+    top-k renormalized mass (keep the smallest prefix, in decreasing probability, whose mass reaches top_p).
+    Top-k and top-p keep every token tied with the last one kept, so the result never depends on sort order.
+    Greedy rows get a one-hot on ``argmax`` (first index on ties), the token greedy verification emits.
+    """
+    logits = logits.float()
+    greedy = _per_row(temperature < GREEDY_TEMPERATURE, logits)
+    scale = torch.where(greedy, 1.0, _per_row(temperature.float(), logits))
+    probs = torch.softmax(logits / scale, dim=-1)
+    probs = probs * (probs >= _per_row(min_p, logits) * probs.amax(-1, keepdim=True))
+    probs = probs * (probs >= _top_k_top_p_threshold(probs, _per_row(top_k, logits), _per_row(top_p, logits)))
+    probs = probs / probs.sum(-1, keepdim=True)
+    return torch.where(greedy, F.one_hot(logits.argmax(-1), logits.shape[-1]).float(), probs)
+
+
+def _per_row(x: Tensor, like: Tensor) -> Tensor:
+    return x.reshape(x.shape + (1,) * (like.dim() - x.dim()))
+
+
+def _top_k_top_p_threshold(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """[..., 1] smallest probability that top-k then top-p keep."""
+    vocab = probs.shape[-1]
+    ordered = probs.sort(dim=-1, descending=True).values
+    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k).long()
+    kth = ordered.gather(-1, (k - 1).expand(*ordered.shape[:-1], 1))
+    ordered = ordered * (ordered >= kth)
+    # Exclusive cumsum: a token is kept while the mass strictly before it is below top_p.
+    mass_before = F.pad(ordered.cumsum(-1)[..., :-1], (1, 0))
+    keep = (mass_before < top_p * ordered.sum(-1, keepdim=True)) | (top_p >= 1)
+    last = ordered.gather(-1, keep.sum(-1, keepdim=True).clamp(min=1) - 1)
+    # With top-p off `last` can be a token top-k already dropped, so the top-k bound still applies.
+    return torch.maximum(kth, last)
+
+
+def sample_from_probs(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF draw: int64 tokens[...] from unnormalized probs[..., V] and uniforms[...] in (0, 1].
+
+    The left search returns the first token whose CDF reaches ``u * total``; since u > 0, a token of probability
+    zero is never drawn.
+    """
+    cdf = probs.float().cumsum(-1)
+    return torch.searchsorted(cdf, uniforms.unsqueeze(-1) * cdf[..., -1:]).squeeze(-1)

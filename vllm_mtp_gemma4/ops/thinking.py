@@ -1,0 +1,21 @@
+"""Per-position thinking state, so relaxed acceptance follows a block that opens or closes inside the drafts."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def thinking_flags(start_state: Tensor, tokens: Tensor, open_id: int, close_id: int) -> Tensor:
+    """[B, P] bool: whether each row is inside a thinking block right after ``tokens[:, j]``.
+
+    start_state[B] is the state before ``tokens[:, 0]``; the last open/close marker at or before j decides, and
+    with none the start state holds. For verification pass the merged rows without their last slot,
+    ``[x0, d1..d(K-1)]``: flag j is then the state in which draft d(j+1) is judged, given that x0..dj were accepted.
+    A closing marker is itself judged inside the block, an opening one outside it.
+    """
+    pos = torch.arange(tokens.shape[1], device=tokens.device)
+    is_marker = (tokens == open_id) | (tokens == close_id)
+    last = torch.where(is_marker, pos, -1).cummax(dim=1).values
+    opened = tokens.gather(1, last.clamp(min=0)) == open_id
+    return torch.where(last >= 0, opened, start_state[:, None])

@@ -1,0 +1,153 @@
+"""Verify: decide, per row, how many drafts the target accepts and which token it emits next.
+
+Every rule first gives a per-position ``Verdict`` (does draft j+1 pass at position j, and what would be emitted if
+the row stopped there); ``resolve`` then stops each row at its first failure or at its own draft count. Keeping
+the per-position form lets relaxed acceptance replace the strict rule position by position.
+
+Shapes: target logits/probs [B, K+1, V], drafts [B, K], num_drafts [B] (0 for prefill rows, which forces
+acceptance to 0). Slots j >= num_drafts may hold anything.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .sampling import GREEDY_TEMPERATURE, SamplingTensors, process_logits, sample_from_probs, uniform_noise
+
+
+class Verdict(NamedTuple):
+    accept: Tensor  # [B, K] bool: draft j+1 passes the test at position j
+    emit: Tensor  # [B, K+1] int64: the token emitted if the row stops at position j
+
+
+class Verification(NamedTuple):
+    num_accepted: Tensor  # [B] int64, 0..num_drafts
+    recovered: Tensor  # [B, K] the token emitted at each possible first rejection
+    bonus: Tensor  # [B] the token after K accepted drafts
+
+
+def greedy_verdict(target_logits: Tensor, drafts: Tensor) -> Verdict:
+    """Accept while the draft is the argmax (first index on ties); emit the argmax."""
+    top1 = target_logits.argmax(-1)
+    return Verdict(drafts == top1[:, :-1], top1)
+
+
+def sampled_verdict(target_probs: Tensor, drafts: Tensor, uniforms: Tensor) -> Verdict:
+    """Lossless for point-mass drafts (argmax drafting): one draw per position from p~, accept iff it equals d.
+
+    P(accept d) = p~(d). On rejection the emitted token is the draw itself, which is then distributed as p~ given
+    != d. That is exactly the speculative-sampling residual for a point mass q = 1[d]:
+    max(p~ - q, 0) / Z = p~ * 1[!= d] / (1 - p~(d)). So P(emit x) = p~(x) for every x, and later positions are
+    drawn from their own p~, conditional on the accepted prefix. target_probs is ``process_logits``' output;
+    uniforms[B, K+1] come from ``uniform_noise``.
+    """
+    draws = sample_from_probs(target_probs, uniforms)
+    return Verdict(drafts == draws[:, :-1], draws)
+
+
+def sampled_draft_verdict(
+    target_probs: Tensor, draft_probs: Tensor, drafts: Tensor, accept_uniforms: Tensor, uniforms: Tensor
+) -> Verdict:
+    """General speculative sampling for drafts sampled from q (draft_probs[B, K, V]).
+
+    Accept d with probability min(1, p~(d)/q(d)); on rejection draw from max(p~ - q, 0), normalized. The bonus
+    position draws from p~. accept_uniforms[B, K] must be independent of uniforms[B, K+1] (another noise stream)
+    and of the noise that drew the drafts.
+    """
+    p = target_probs[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
+    q = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+    residual = (target_probs[:, :-1] - draft_probs).clamp(min=0)
+    # An all-zero residual (p~ == q) is never used: then u * q < p always accepts.
+    emit = sample_from_probs(torch.cat([residual, target_probs[:, -1:]], dim=1), uniforms)
+    return Verdict(accept_uniforms * q < p, emit)
+
+
+def relaxed_verdict(
+    target_logits: Tensor,
+    drafts: Tensor,
+    num_drafts: Tensor,
+    in_thinking: Tensor,
+    top_n: Tensor,
+    delta: Tensor,
+    strict: Verdict,
+) -> Verdict:
+    """Relaxed acceptance at flagged positions (in_thinking[B, K]), the strict verdict elsewhere.
+
+    At a flagged position d is accepted iff fewer than top_n[B] tokens have a strictly higher logit (a tie at the
+    N-th place is in) and p(d) >= p_top1 - delta[B], with p the softmax of the raw logits (no temperature, no
+    truncation). A rejection emits the top-1 (first index on ties). Not lossless: meant for thinking text only.
+    The position after a row's last draft has no draft to judge, so it keeps the strict emit (the bonus draw).
+    """
+    logits = target_logits[:, :-1].float()
+    draft_logit = logits.gather(-1, drafts[..., None])
+    rank = (logits > draft_logit).sum(-1)
+    probs = logits.softmax(-1)
+    p_draft = probs.gather(-1, drafts[..., None]).squeeze(-1)
+    accept = (rank < top_n[:, None]) & (p_draft >= probs.amax(-1) - delta[:, None])
+    has_draft = torch.arange(drafts.shape[1], device=drafts.device) < num_drafts[:, None]
+    flagged = in_thinking & has_draft
+    top1 = target_logits.argmax(-1)
+    emit = torch.cat([torch.where(flagged, top1[:, :-1], strict.emit[:, :-1]), strict.emit[:, -1:]], dim=1)
+    return Verdict(torch.where(flagged, accept, strict.accept), emit)
+
+
+def resolve(verdict: Verdict, num_drafts: Tensor) -> Verification:
+    """Stop each row at its first failed position, or after its own ``num_drafts``."""
+    k = verdict.accept.shape[1]
+    has_draft = torch.arange(k, device=num_drafts.device) < num_drafts[:, None]
+    num_accepted = (verdict.accept & has_draft).long().cumprod(dim=1).sum(dim=1)
+    return Verification(num_accepted, verdict.emit[:, :-1], verdict.emit[:, -1])
+
+
+def next_tokens(verification: Verification) -> Tensor:
+    """``concat(recovered, bonus)[num_accepted]``: the token committed after the accepted drafts, [B]."""
+    emitted = torch.cat([verification.recovered, verification.bonus[:, None]], dim=1)
+    return emitted.gather(1, verification.num_accepted[:, None]).squeeze(1)
+
+
+def verify_greedy(target_logits: Tensor, drafts: Tensor, num_drafts: Tensor) -> Verification:
+    """Greedy rows: accept while d == argmax."""
+    return resolve(greedy_verdict(target_logits, drafts), num_drafts)
+
+
+def verify_sampled(target_probs: Tensor, drafts: Tensor, num_drafts: Tensor, uniforms: Tensor) -> Verification:
+    """Sampled rows with point-mass drafts: see ``sampled_verdict``."""
+    return resolve(sampled_verdict(target_probs, drafts, uniforms), num_drafts)
+
+
+def verify_relaxed(
+    target_logits: Tensor,
+    drafts: Tensor,
+    num_drafts: Tensor,
+    in_thinking: Tensor,
+    top_n: Tensor,
+    delta: Tensor,
+    strict: Verdict,
+) -> Verification:
+    """Relaxed acceptance at flagged positions, ``strict`` elsewhere: see ``relaxed_verdict``."""
+    return resolve(relaxed_verdict(target_logits, drafts, num_drafts, in_thinking, top_n, delta, strict), num_drafts)
+
+
+def verify_step(
+    target_logits: Tensor,
+    drafts: Tensor,
+    num_drafts: Tensor,
+    sampling: SamplingTensors,
+    positions: Tensor,
+    in_thinking: Tensor,
+    top_n: Tensor,
+    delta: Tensor,
+) -> Verification:
+    """The whole verification of one step, greedy and sampled rows together, for argmax drafts.
+
+    Greedy rows get a one-hot p~, so the sampled rule reduces to the greedy one for them. positions[B, K+1] are
+    the absolute positions of the tokens being drawn (the noise counters). Relaxed acceptance applies only to
+    flagged positions of sampled rows: greedy rows stay strictly greedy.
+    """
+    probs = process_logits(target_logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+    strict = sampled_verdict(probs, drafts, uniform_noise(sampling.seed, positions))
+    relaxed_rows = (sampling.temperature >= GREEDY_TEMPERATURE)[:, None]
+    return verify_relaxed(target_logits, drafts, num_drafts, in_thinking & relaxed_rows, top_n, delta, strict)
