@@ -1,0 +1,114 @@
+"""GPU checks of the plugin's pure ops at real Gemma 4 shapes: parity with CPU, and fused vs unfused time.
+
+    python benchmarks/gpu_ops.py                          # on a CUDA machine, about 3 minutes on one H200
+    python benchmarks/gpu_ops.py --device cpu --small     # smoke run of the script itself, anywhere
+
+Needs only torch and this package's ``ops`` (no vLLM import), so it runs where vLLM cannot be installed.
+For vocab 262,144 and hidden 5,376, B in {1, 8, 64} and K in {1, 4, 7}, it builds one step's inputs on the
+CPU from a fixed seed (half the rows greedy, half sampled at T=0.8, top-k 64, top-p 0.9, rows in a thinking
+block relaxed) and runs verify (greedy, sampled, relaxed in one ``verify_step``), merge and shift:
+- parity: the same step on the CPU and on the device, token for token;
+- time: the step eager op by op (the unfused reference) against the same step under ``torch.compile``
+  with CUDA graphs (``mode="reduce-overhead"``), as a ratio.
+Writes JSON (date, device, figures) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from vllm_mtp_gemma4.ops import SamplingTensors, merge_drafts, next_tokens, shift_for_draft, verify_step
+
+OPEN_THINKING, RELAXED_TOP_N, RELAXED_DELTA = 7, 10, 0.6
+
+
+def make_inputs(batch: int, k: int, vocab: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, k + 1, vocab, generator=gen) * 4
+    noisy = logits[:, :k] + torch.randn(batch, k, vocab, generator=gen) * 2
+    greedy = torch.arange(batch) % 2 == 0
+    return {
+        "new_tokens": torch.randint(0, vocab, (batch,), generator=gen),
+        "offsets": torch.arange(batch + 1, dtype=torch.int32),
+        "logits": logits,
+        "drafts": noisy.argmax(-1),  # drafts that agree with the target often, not always
+        "num_drafts": torch.full((batch,), k),
+        "temperature": torch.where(greedy, 0.0, 0.8),
+        "top_k": torch.full((batch,), 64),
+        "top_p": torch.full((batch,), 0.9),
+        "min_p": torch.zeros(batch),
+        "seed": torch.arange(batch) * 7919 + 1,
+        "positions": 100 + torch.arange(k + 1).expand(batch, k + 1),
+        "in_thinking": (torch.arange(batch) % 4 == 1)[:, None].expand(batch, k + 1).clone(),
+        "top_n": torch.full((batch,), RELAXED_TOP_N),
+        "delta": torch.full((batch,), RELAXED_DELTA),
+        "hidden": torch.randn(batch, k + 1, hidden, generator=gen).to(torch.bfloat16),
+    }
+
+
+def step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Merge, verify and shift of one speculative step (the target and draft forwards excluded)."""
+    merged, _ = merge_drafts(x["new_tokens"], x["offsets"], x["drafts"], x["num_drafts"])
+    sampling = SamplingTensors(x["temperature"], x["top_k"], x["top_p"], x["min_p"], x["seed"])
+    verification = verify_step(x["logits"], x["drafts"], x["num_drafts"], sampling, x["positions"],
+                               x["in_thinking"][:, :-1], x["top_n"], x["delta"])
+    emitted = next_tokens(verification)
+    rows = merged.view(x["drafts"].shape[0], -1)
+    shifted, hidden = shift_for_draft(rows, verification.num_accepted, emitted, x["hidden"])
+    return verification.num_accepted, emitted, shifted, hidden
+
+
+def time_ms(fn, x: dict[str, torch.Tensor], device: torch.device, iters: int) -> float:
+    for _ in range(3):
+        fn(x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn(x)
+    sync()
+    return (time.perf_counter() - start) / iters * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="vocab 4,096 and hidden 256: a smoke run")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_ops.json"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    vocab, hidden = (4096, 256) if args.small else (262_144, 5_376)
+    compiled = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)
+    rows = []
+    for batch in (1, 8, 64):
+        for k in (1, 4, 7):
+            cpu_inputs = make_inputs(batch, k, vocab, hidden)
+            reference = step(cpu_inputs)
+            x = {name: t.to(device) for name, t in cpu_inputs.items()}
+            on_device = [t.cpu() for t in step(x)]
+            parity = {name: bool(torch.equal(a, b)) for name, a, b in
+                      zip(("num_accepted", "next_tokens", "shifted_tokens", "hidden"), reference, on_device)}
+            compiled_out = [t.cpu() for t in compiled(x)]
+            unfused, fused = time_ms(step, x, device, args.iters), time_ms(compiled, x, device, args.iters)
+            rows.append({"batch": batch, "k": k, "parity_with_cpu": parity,
+                         "compiled_matches_eager": all(torch.equal(a, b) for a, b in zip(on_device, compiled_out)),
+                         "unfused_ms": round(unfused, 4), "fused_ms": round(fused, 4),
+                         "speedup": round(unfused / fused, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "vocab": vocab, "hidden": hidden, "rows": rows,
+    }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
