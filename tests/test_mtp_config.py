@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,9 +25,9 @@ def test_file_path_and_inline_json_give_the_same_config(tmp_path):
     assert load_speculative_config(str(path)) == load_speculative_config(json.dumps(GOOD)) == GOOD
 
 
-def test_shipped_config_resolves_to_the_plugin():
+def test_shipped_config_resolves_to_the_plugin(monkeypatch):
     spec = load_speculative_config(str(REPO / "configs" / "mtp.json"))
-    os.chdir(REPO)  # its paths are relative to the repository root, as `vllm serve` is run there
+    monkeypatch.chdir(REPO)  # its paths are relative to the repository root, where `vllm serve` runs
     rest, plugin = resolve(spec, str(TARGET), ALLOWED)
     assert SECTION not in rest and isinstance(plugin, PluginConfig)
 
