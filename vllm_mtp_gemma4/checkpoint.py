@@ -14,6 +14,8 @@ import struct
 import sys
 from pathlib import Path
 
+from vllm_mtp_gemma4.config import MTPConfigError, read_json_object
+
 FIXTURE_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "gemma4-tiny"
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1}
 
@@ -24,15 +26,10 @@ class CheckpointError(ValueError):
 
 def read_config(path: Path) -> dict:
     """Parse a JSON config file, reporting line and column on malformed input."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+        return read_json_object(path)
+    except MTPConfigError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -45,16 +45,19 @@ class PluginConfig:
         return asdict(self)
 
 
-def read_json_file(path: Path) -> Any:
-    """Parse a JSON file; malformed input reports line and column."""
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Parse a JSON file holding one object; every failure names the file (malformed: line and column)."""
+    if not path.is_file():
+        raise MTPConfigError(f"{path}: file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        loaded = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise MTPConfigError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        return json.loads(text)
     except json.JSONDecodeError as e:
         raise MTPConfigError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(loaded, dict):
+        raise MTPConfigError(f"{path}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
 
 
 def load_speculative_config(value: str | dict[str, Any]) -> dict[str, Any]:
@@ -65,18 +68,17 @@ def load_speculative_config(value: str | dict[str, Any]) -> dict[str, Any]:
 
 def _parse_speculative_config(value: str) -> dict[str, Any]:
     text = value.strip()
-    if text.startswith("{"):
-        try:
-            loaded = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MTPConfigError(
-                f"--speculative-config: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-            ) from None
-    else:
+    if not text.startswith("{"):
         path = Path(text).expanduser()
         if not path.is_file():
             raise MTPConfigError(f"--speculative-config: {text}: no such file (give a JSON file or inline JSON)")
-        loaded = read_json_file(path)
+        return read_json_object(path)
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MTPConfigError(
+            f"--speculative-config: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
     if not isinstance(loaded, dict):
         raise MTPConfigError(f"--speculative-config: expected a JSON object, got {type(loaded).__name__}")
     return loaded
@@ -94,13 +96,7 @@ def _model_config(name: str, role: str) -> dict[str, Any]:
         directory = Path(name).expanduser()
         if not directory.is_dir():
             raise MTPConfigError(f"{role}: {name}: directory not found")
-        config = directory / "config.json"
-        if not config.is_file():
-            raise MTPConfigError(f"{role}: {config}: file not found")
-        loaded = read_json_file(config)
-        if not isinstance(loaded, dict):
-            raise MTPConfigError(f"{config}: expected a JSON object")
-        return loaded
+        return read_json_object(directory / "config.json")
     from transformers import PretrainedConfig
 
     return PretrainedConfig.get_config_dict(name)[0]
