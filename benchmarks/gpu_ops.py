@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_mtp_gemma4.ops import SamplingTensors, merge_drafts, next_tokens, shift_for_draft, verify_step
+from vllm_mtp_gemma4.ops import RelaxedInputs, SamplingTensors, merge_drafts, next_tokens, shift_for_draft, verify_step
 
 OPEN_THINKING, RELAXED_TOP_N, RELAXED_DELTA = 7, 10, 0.6
 
@@ -56,8 +56,8 @@ def step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Merge, verify and shift of one speculative step (the target and draft forwards excluded)."""
     merged, _ = merge_drafts(x["new_tokens"], x["offsets"], x["drafts"], x["num_drafts"])
     sampling = SamplingTensors(x["temperature"], x["top_k"], x["top_p"], x["min_p"], x["seed"])
-    verification = verify_step(x["logits"], x["drafts"], x["num_drafts"], sampling, x["positions"],
-                               x["in_thinking"][:, :-1], x["top_n"], x["delta"])
+    relaxed = RelaxedInputs(x["in_thinking"][:, :-1], x["temperature"] > 0, x["top_n"], x["delta"])
+    verification = verify_step(x["logits"], x["drafts"], x["num_drafts"], sampling, x["positions"], relaxed)
     emitted = next_tokens(verification)
     rows = merged.view(x["drafts"].shape[0], -1)
     shifted, hidden = shift_for_draft(rows, verification.num_accepted, emitted, x["hidden"])

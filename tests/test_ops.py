@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from scipy import stats
 
 from vllm_mtp_gemma4.ops import (
+    RelaxedInputs,
     SamplingTensors,
     Verification,
+    accepted_rows,
     gather_at,
     greedy_verdict,
     merge_drafts,
@@ -243,8 +245,10 @@ def test_greedy_rows_of_the_fused_step_match_greedy_verification():
     drafts = torch.where(torch.rand(64, 3, generator=gen) < 0.7, logits[:, :3].argmax(-1),
                          torch.randint(0, 10, (64, 3), generator=gen))
     num_drafts = torch.randint(0, 4, (64,), generator=gen)
+    relaxed = RelaxedInputs(torch.ones(64, 3, dtype=torch.bool), torch.zeros(64, dtype=torch.bool), t([10] * 64),
+                            t([1.0] * 64))
     step = verify_step(logits, drafts, num_drafts, sampling(64, temperature=0.0, top_k=3, top_p=0.5),
-                       torch.arange(4).expand(64, 4), torch.ones(64, 3, dtype=torch.bool), t([10] * 64), t([1.0] * 64))
+                       torch.arange(4).expand(64, 4), relaxed)
     greedy = verify_greedy(logits, drafts, num_drafts)
     assert torch.equal(step.num_accepted, greedy.num_accepted)
     assert torch.equal(next_tokens(step), next_tokens(greedy))
@@ -336,10 +340,11 @@ def test_fused_step_rows_do_not_depend_on_the_batch():
     s = sampling(5, temperature=t([0.7, 1.0, 0.0, 1.3, 0.9]), top_k=t([0, 5, 0, 3, 8]),
                  top_p=t([0.9, 1.0, 1.0, 0.8, 0.95]), seed=t([11, 22, 33, 44, 55]))
     args = (t([3, 2, 3, 1, 3]), s, torch.arange(50, 54).expand(5, 4) + 10 * torch.arange(5)[:, None],
-            torch.rand(5, 3, generator=gen) < 0.5, t([3, 2, 1, 4, 2]), t([0.3, 0.1, 0.5, 0.2, 0.4]))
+            RelaxedInputs(torch.rand(5, 3, generator=gen) < 0.5, t([True, True, False, True, False]),
+                          t([3, 2, 1, 4, 2]), t([0.3, 0.1, 0.5, 0.2, 0.4])))
 
     def step(rows):
-        picked = [x[rows] if isinstance(x, torch.Tensor) else SamplingTensors(*(f[rows] for f in x)) for x in args]
+        picked = [x[rows] if isinstance(x, torch.Tensor) else type(x)(*(f[rows] for f in x)) for x in args]
         result = verify_step(logits[rows], drafts[rows], *picked)
         return result.num_accepted, next_tokens(result)
 
@@ -454,15 +459,23 @@ def test_a_thinking_block_opening_in_the_middle_of_the_drafts():
     assert next_tokens(result).tolist() == [5, 4, 4]
 
 
-def test_fused_step_relaxes_sampled_rows_only():
-    logits = block_logits(2)
+def test_fused_step_relaxes_only_the_rows_it_is_told_to():
+    logits = block_logits(3)
     logits[:, 0, OPEN] = 0.0
-    drafts = t([[OPEN, 2, 3]] * 2)
-    flags = thinking_flags(t([False, False]), torch.cat([t([[1], [1]]), drafts[:, :2]], 1), OPEN, CLOSE)
-    result = verify_step(logits, drafts, t([3, 3]), sampling(2, temperature=t([1.0, 0.0])),
-                         torch.arange(4).expand(2, 4), flags, t([3, 3]), t([0.3, 0.3]))
-    assert result.num_accepted.tolist() == [3, 1]
-    assert next_tokens(result).tolist() == [5, 4]
+    drafts = t([[OPEN, 2, 3]] * 3)
+    flags = thinking_flags(t([False] * 3), torch.cat([t([[1]] * 3), drafts[:, :2]], 1), OPEN, CLOSE)
+    result = verify_step(logits, drafts, t([3, 3, 3]), sampling(3, temperature=t([1.0, 0.0, 0.0])),
+                         torch.arange(4).expand(3, 4), RelaxedInputs(flags, t([True, False, True]), t([3, 3, 3]),
+                                                                     t([0.3] * 3)))
+    # Row 1 is greedy and not opted in: strict. Row 2 is greedy and opted in: relaxed, like the sampled row 0.
+    assert result.num_accepted.tolist() == [3, 1, 3]
+    assert next_tokens(result).tolist() == [5, 4, 5]
+
+
+def test_accepted_rows_pad_after_the_next_token():
+    verification = Verification(t([0, 2, 3]), t([[7, 8, 9]] * 3), t([6, 6, 6]))
+    rows = accepted_rows(t([[1, 2, 3]] * 3), verification)
+    assert rows.tolist() == [[7, -1, -1, -1], [1, 2, 9, -1], [1, 2, 3, 6]]
 
 
 # ---------------------------------------------------------------- shift
@@ -490,13 +503,14 @@ def test_ops_trace_as_single_graphs():
     logits = torch.randn(3, 4, 10)
     drafts = torch.randint(0, 10, (3, 3))
     args = (drafts, t([3, 1, 0]), sampling(3, temperature=t([0.0, 0.8, 1.0]), top_k=t([0, 4, 2])),
-            torch.arange(4).expand(3, 4), torch.ones(3, 3, dtype=torch.bool), t([2, 2, 2]), t([0.3, 0.3, 0.3]))
+            torch.arange(4).expand(3, 4),
+            RelaxedInputs(torch.ones(3, 3, dtype=torch.bool), t([True] * 3), t([2, 2, 2]), t([0.3, 0.3, 0.3])))
 
     def step(logits, *args):
         result = verify_step(logits, *args)
         merged = torch.cat([logits.argmax(-1)[:, :1], drafts], 1)
         shifted, h = shift_for_draft(merged, result.num_accepted, next_tokens(result), logits)
-        return shifted, h, thinking_flags(args[4][:, 0], merged, OPEN, CLOSE)
+        return shifted, h, thinking_flags(args[4].in_thinking[:, 0], merged, OPEN, CLOSE)
 
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     for got, want in zip(compiled(logits, *args), step(logits, *args)):
@@ -506,3 +520,10 @@ def test_ops_trace_as_single_graphs():
                          merge_drafts(t([1, 2, 3, 4]), t([0, 1, 3, 4]), drafts, t([3, 0, 2]))):
         assert torch.equal(got, want)
 
+
+
+def test_partial_top_k_matches_the_full_sort():
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(6, 4, 300, generator=gen) * 2
+    args = (t([0.7, 1.0, 0.9, 0.0, 1.2, 0.8]), t([5, 40, 12, 3, 40, 1]), t([0.9, 0.8, 1.0, 1.0, 0.5, 1.0]), None)
+    assert torch.equal(process_logits(logits, *args, max_top_k=40), process_logits(logits, *args))

@@ -19,6 +19,8 @@ SECTION = "vllm_mtp_gemma4"
 MTP_METHODS = ("mtp", "gemma4_mtp")
 GEMMA4_TARGET_TYPES = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
 GEMMA4_ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
+THINKING_OPEN = "<|channel>"  # Gemma 4 opens a thinking block with this token and closes it with THINKING_CLOSE
+THINKING_CLOSE = "<channel|>"
 COMMENT_PREFIX = "//"  # JSON has no comments: keys starting with "//" annotate a config file and are dropped
 
 
@@ -27,8 +29,27 @@ class MTPConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class RelaxedAcceptance:
+    """Relaxed acceptance inside thinking: accept d iff d is in the target's top ``topk`` and
+    p(d) >= p_top1 - ``delta`` (raw softmax). ``enabled`` applies it to sampled rows; greedy rows opt in per request."""
+
+    enabled: bool = False
+    topk: int = 10
+    delta: float = 0.6
+
+
+RELAXED_KEYS = {"relaxed_acceptance": "enabled", "relaxed_topk": "topk", "relaxed_delta": "delta"}
+"""Key in ``mtp.json``'s section and in ``SamplingParams.extra_args`` -> ``RelaxedAcceptance`` field."""
+
+
+@dataclass(frozen=True)
 class PluginConfig:
     """The plugin's section of ``mtp.json``. Every key is documented in the README."""
+
+    fused: bool = True
+    relaxed_acceptance: bool = False
+    relaxed_topk: int = 10
+    relaxed_delta: float = 0.6
 
     @classmethod
     def from_dict(cls, section: Any, where: str = SECTION) -> PluginConfig:
@@ -37,12 +58,54 @@ class PluginConfig:
         known = {f.name: f for f in fields(cls)}
         for key in section:
             if key not in known:
-                allowed = ", ".join(sorted(known)) or "none yet"
-                raise MTPConfigError(f"{where}.{key}: unknown key (allowed: {allowed})")
-        return cls(**section)
+                raise MTPConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(known))})")
+        if not isinstance(section.get("fused", True), bool):
+            raise MTPConfigError(f"{where}.fused: must be true or false, got {section['fused']!r}")
+        config = cls(**section)
+        check_relaxed_options(section, where)
+        if config.relaxed_acceptance and not config.fused:
+            raise MTPConfigError(f"{where}.relaxed_acceptance: needs the fused step (\"fused\": true)")
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict[str, Any] | None) -> PluginConfig | None:
+        """The config that ``resolve`` placed in ``VllmConfig.additional_config``; None when the plugin is off."""
+        section = (additional_config or {}).get(SECTION)
+        return None if section is None else cls.from_dict(section)
+
+    @property
+    def relaxed(self) -> RelaxedAcceptance:
+        return RelaxedAcceptance(self.relaxed_acceptance, self.relaxed_topk, self.relaxed_delta)
+
+    def relaxed_for_request(self, extra_args: dict[str, Any] | None) -> tuple[RelaxedAcceptance, bool]:
+        """The request's relaxed settings and whether it opted in itself (which extends them to greedy rows)."""
+        overrides = {RELAXED_KEYS[k]: v for k, v in (extra_args or {}).items() if k in RELAXED_KEYS}
+        settings = RelaxedAcceptance(**{**asdict(self.relaxed), **overrides})
+        return settings, overrides.get("enabled") is True
+
+
+def check_relaxed_options(options: dict[str, Any], where: str) -> None:
+    """One-line errors for the relaxed-acceptance keys of ``options`` (config section or ``extra_args``)."""
+    flag = options.get("relaxed_acceptance", False)
+    if not isinstance(flag, bool):
+        raise MTPConfigError(f"{where}.relaxed_acceptance: must be true or false, got {flag!r}")
+    topk = options.get("relaxed_topk", 1)
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise MTPConfigError(f"{where}.relaxed_topk: must be an integer >= 1, got {topk!r}")
+    delta = options.get("relaxed_delta", 0.0)
+    if not isinstance(delta, int | float) or isinstance(delta, bool) or not 0.0 <= delta <= 1.0:
+        raise MTPConfigError(f"{where}.relaxed_delta: must be a number in [0, 1], got {delta!r}")
+
+
+def check_request_options(extra_args: dict[str, Any] | None, config: PluginConfig) -> None:
+    """Validate a request's plugin keys in ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP)."""
+    options = {k: v for k, v in (extra_args or {}).items() if k in RELAXED_KEYS}
+    check_relaxed_options(options, "vllm_xargs")
+    if options.get("relaxed_acceptance") and not config.fused:
+        raise MTPConfigError("vllm_xargs.relaxed_acceptance: this server runs without the fused step (fused: false)")
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -168,3 +231,9 @@ def resolve(spec: dict[str, Any], target_model: str, allowed_keys: set[str]) -> 
             f"target's hidden_size {hidden}"
         )
     return rest, PluginConfig.from_dict(spec.get(SECTION, {}))
+
+
+def thinking_marker_ids(tokenizer: Any) -> tuple[int | None, int | None]:
+    """Ids of Gemma 4's thinking markers in ``tokenizer`` (None where it lacks them)."""
+    vocab = tokenizer.get_vocab()
+    return vocab.get(THINKING_OPEN), vocab.get(THINKING_CLOSE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 
@@ -38,3 +38,52 @@ REGISTRY.register(PROPOSER_INFO)
 
 def record_proposer(num_speculative_tokens: int, assistant: str) -> None:
     PROPOSER_INFO.engines.add((str(num_speculative_tokens), assistant))
+    PHASE_ACCEPTANCE.enabled = True
+
+
+PHASES = ("thinking", "answer")
+
+
+class _PhaseAcceptance(Collector):
+    """Speculative steps and accepted drafts, split by whether the request was thinking when the step began.
+
+    Counted in the front end from each engine step's output, one per request and step: a step that commits n
+    tokens accepted n - 1 drafts. A request's first output comes from its prefill and is not a speculative step.
+    Mean acceptance length per phase = 1 + accepted / steps.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.steps = dict.fromkeys(PHASES, 0)
+        self.accepted = dict.fromkeys(PHASES, 0)
+        self.thinking: dict[str, bool] = {}  # request id -> state after its committed tokens
+
+    def observe(self, request_id: str, prompt_ids: list[int] | None, new_ids: list[int], finished: bool,
+                markers: tuple[int, int]) -> None:
+        from vllm_mtp_gemma4.ops import thinking_after
+
+        if request_id not in self.thinking:  # prefill output
+            self.thinking[request_id] = thinking_after(thinking_after(False, prompt_ids or [], *markers), new_ids,
+                                                       *markers)
+        elif new_ids:
+            phase = "thinking" if self.thinking[request_id] else "answer"
+            self.steps[phase] += 1
+            self.accepted[phase] += len(new_ids) - 1
+            self.thinking[request_id] = thinking_after(self.thinking[request_id], new_ids, *markers)
+        if finished:
+            self.thinking.pop(request_id, None)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        steps = CounterMetricFamily("vllm:mtp_gemma4_spec_steps", "Speculative steps per request, by phase.",
+                                    labels=["phase"])
+        accepted = CounterMetricFamily("vllm:mtp_gemma4_accepted_tokens", "Accepted draft tokens, by phase.",
+                                       labels=["phase"])
+        for phase in PHASES:
+            steps.add_metric([phase], self.steps[phase])
+            accepted.add_metric([phase], self.accepted[phase])
+        yield steps
+        yield accepted
+
+
+PHASE_ACCEPTANCE = _PhaseAcceptance()
+REGISTRY.register(PHASE_ACCEPTANCE)

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from contextlib import contextmanager
 from typing import Any
 
-from vllm_mtp_gemma4.config import SECTION, MTPConfigError, load_speculative_config, resolve
-from vllm_mtp_gemma4.metrics import record_proposer
+from vllm_mtp_gemma4.config import (
+    SECTION,
+    MTPConfigError,
+    PluginConfig,
+    check_request_options,
+    load_speculative_config,
+    resolve,
+    thinking_marker_ids,
+)
+from vllm_mtp_gemma4.metrics import PHASE_ACCEPTANCE, record_proposer
 
 _applied = False
 
@@ -58,6 +67,10 @@ def _resolve_speculative_config() -> None:
             self.speculative_config, plugin_config = resolve(spec, self.model, allowed)
             if plugin_config is not None:
                 self.additional_config = {**(self.additional_config or {}), SECTION: plugin_config.to_dict()}
+                if plugin_config.fused:
+                    # The fused step reads the device once per step itself; vLLM's async scheduling
+                    # would overlap a second, speculative copy of the same outputs.
+                    self.async_scheduling = False
                 record_proposer(self.speculative_config["num_speculative_tokens"], self.speculative_config["model"])
         return original(self, *args, **kwargs)
 
@@ -76,6 +89,95 @@ def _use_plugin_proposer() -> None:
     from vllm_mtp_gemma4.worker.proposer import Gemma4MTPProposer
 
     gpu_model_runner.Gemma4Proposer = Gemma4MTPProposer
+
+
+def _use_fused_runner() -> None:
+    """Run the fused target-verify step: vLLM's runner classes, swapped where the workers build them.
+
+    ``CPUWorker.init_device`` builds ``CPUModelRunner`` by its module-level name in ``cpu_worker``;
+    ``Worker._make_model_runner`` builds the V1 ``GPUModelRunner`` by a local import, so it is wrapped.
+    Both fused runners defer to vLLM's unchanged when the plugin's proposer is not drafting.
+    """
+    from vllm.v1.worker import cpu_worker, gpu_worker
+
+    from vllm_mtp_gemma4.worker.runner import FusedCPUModelRunner, FusedGPUModelRunner
+
+    cpu_worker.CPUModelRunner = FusedCPUModelRunner
+    original = gpu_worker.Worker._make_model_runner
+
+    def _make_model_runner(self):
+        if self.use_v2_model_runner or type(self) is not gpu_worker.Worker:
+            return original(self)
+        return FusedGPUModelRunner(self.vllm_config, self.device)
+
+    gpu_worker.Worker._make_model_runner = _make_model_runner
+
+
+@contextmanager
+def _spec_decode_allows_min_p_and_logit_bias():
+    from vllm.sampling_params import SamplingParams
+
+    original = SamplingParams._validate_spec_decode
+    SamplingParams._validate_spec_decode = lambda self, speculative_config: None
+    try:
+        yield
+    finally:
+        SamplingParams._validate_spec_decode = original
+
+
+def _validate_requests() -> None:
+    """Per-request plugin options (``extra_args`` / ``vllm_xargs``) are checked at admission: a 400, not a crash.
+
+    ``InputProcessor._validate_params`` runs in the front end for ``LLM`` and the OpenAI server alike; its
+    ``VLLMValidationError`` becomes an HTTP 400 naming the parameter. The fused step applies ``min_p`` and
+    ``logit_bias`` at every drafted position, so vLLM's refusal of them under speculation is lifted there.
+    """
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor._validate_params
+
+    def _validate_params(self, params, supported_tasks):
+        config = PluginConfig.from_additional_config(self.vllm_config.additional_config)
+        if config is None or not isinstance(params, SamplingParams):
+            return original(self, params, supported_tasks)
+        try:
+            check_request_options(params.extra_args, config)
+        except MTPConfigError as e:
+            field = str(e).split(":", 1)[0]
+            raise VLLMValidationError(str(e), parameter=field, value=None) from None
+        if not config.fused:
+            return original(self, params, supported_tasks)
+        with _spec_decode_allows_min_p_and_logit_bias():
+            return original(self, params, supported_tasks)
+
+    InputProcessor._validate_params = _validate_params
+
+
+def _count_acceptance_by_phase() -> None:
+    """Feed ``PHASE_ACCEPTANCE`` from the front end's per-step outputs (``OutputProcessor.process_outputs``).
+
+    The front end is where ``/metrics`` and ``LLM.get_metrics()`` read from, and it sees each request's tokens
+    step by step, which is all the thinking/answer split needs.
+    """
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    original = OutputProcessor.process_outputs
+
+    def process_outputs(self, engine_core_outputs, *args: Any, **kwargs: Any):
+        if PHASE_ACCEPTANCE.enabled and self.tokenizer is not None:
+            if not hasattr(self, "_mtp_thinking_markers"):
+                self._mtp_thinking_markers = thinking_marker_ids(self.tokenizer)
+            markers = self._mtp_thinking_markers
+            if None not in markers:
+                for output in engine_core_outputs:
+                    state = self.request_states.get(output.request_id)
+                    PHASE_ACCEPTANCE.observe(output.request_id, state.prompt_token_ids if state else None,
+                                             output.new_token_ids, output.finished, markers)
+        return original(self, engine_core_outputs, *args, **kwargs)
+
+    OutputProcessor.process_outputs = process_outputs
 
 
 def _one_line_config_errors() -> None:
@@ -102,4 +204,7 @@ def apply() -> None:
     _accept_config_file_in_cli()
     _resolve_speculative_config()
     _use_plugin_proposer()
+    _use_fused_runner()
+    _validate_requests()
+    _count_acceptance_by_phase()
     _one_line_config_errors()

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from vllm_mtp_gemma4.worker import STEP_PHASES
+
 PLUGINS_OFF = "vllm-mtp-gemma4-disabled"  # names no installed plugin, so none loads
 DEFAULT_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "2",
@@ -45,6 +47,7 @@ class Job:
     plugins: bool = True
     env: dict[str, str] = field(default_factory=dict)
     batches: list[int] | None = None
+    worker_counters: bool = False  # read the fused runner's counters (``LLM.collective_rpc``, pickled)
 
 
 @dataclass
@@ -89,13 +92,14 @@ class JobResult:
     spec: SpecMetrics
     seconds: list[float]  # wall time of each generate() call
     generated_tokens: int
-    metrics: dict[str, float]  # every counter and gauge vLLM reported, by name
+    metrics: dict[str, float]  # every counter and gauge reported, by name, and by "name{label=value}"
     kv_blocks: int  # KV cache blocks the engine allocated
+    logprobs: list[list[dict[int, float]] | None] = field(default_factory=list)  # per request, per token
+    prompt_logprobs: list[list[dict[int, float] | None] | None] = field(default_factory=list)
+    worker_counters: list[dict[str, Any]] = field(default_factory=list)  # per worker; see ``Job.worker_counters``
     log: str = ""  # the subprocess's whole stdout and stderr
 
 
-# Phases of one speculative step, in execution order, for ``RunResult.step_time_split``.
-STEP_PHASES = ("target", "verify", "shift", "draft", "host")
 
 
 @dataclass
@@ -106,8 +110,8 @@ class RunResult:
     generated_tokens: int
     spec: SpecMetrics  # this pass's share of the engine's spec-decode counters
     peak_rss_bytes: int  # high-water resident memory of the engine's processes so far, summed
-    # Seconds per engine step by phase (STEP_PHASES). Upstream vLLM reports no such split, so it
-    # stays empty (not measured) until the plugin's proposer fills it.
+    # Seconds per fused step by phase (STEP_PHASES), from the plugin's runner. Upstream vLLM reports
+    # no such split, so it stays empty (not measured) there.
     step_time_split: dict[str, float] = field(default_factory=dict)
 
 
@@ -115,8 +119,10 @@ def _engine_defaults(engine: dict[str, Any]) -> dict[str, Any]:
     return {"gpu_memory_utilization": 0.2, "disable_log_stats": False, "seed": 0, **engine}
 
 
-def _job_env(plugins: bool, env: dict[str, str]) -> dict[str, str]:
+def _job_env(plugins: bool, env: dict[str, str], worker_counters: bool = False) -> dict[str, str]:
     merged = {**os.environ, **DEFAULT_ENV, **env}
+    if worker_counters:  # collective_rpc sends a function: vLLM pickles it only when allowed to
+        merged["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if not plugins:
         merged["VLLM_PLUGINS"] = PLUGINS_OFF
     return merged
@@ -143,6 +149,11 @@ def run_in_process(job: Job) -> JobResult:
         seconds.append(time.perf_counter() - begin)
         start += size
     spec, flat = _read_metrics(llm)
+    counters = []
+    if job.worker_counters:
+        from vllm_mtp_gemma4.worker.runner import fused_step_counters
+
+        counters = llm.collective_rpc(fused_step_counters)
     return JobResult(
         token_ids=[list(o.outputs[0].token_ids) for o in outputs],
         texts=[o.outputs[0].text for o in outputs],
@@ -153,7 +164,16 @@ def run_in_process(job: Job) -> JobResult:
         seconds=seconds,
         generated_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
         metrics=flat,
+        logprobs=[_logprob_dicts(o.outputs[0].logprobs) for o in outputs],
+        prompt_logprobs=[_logprob_dicts(o.prompt_logprobs) for o in outputs],
+        worker_counters=counters,
     )
+
+
+def _logprob_dicts(logprobs: Any) -> list[dict[int, float] | None] | None:
+    if logprobs is None:
+        return None
+    return [None if step is None else {int(t): float(lp.logprob) for t, lp in step.items()} for step in logprobs]
 
 
 def _read_metrics(llm: Any) -> tuple[SpecMetrics, dict[str, float]]:
@@ -164,6 +184,9 @@ def _read_metrics(llm: Any) -> tuple[SpecMetrics, dict[str, float]]:
     for m in llm.get_metrics():
         if isinstance(m, (Counter, Gauge)):
             flat[m.name] = flat.get(m.name, 0) + m.value
+            for label, value in m.labels.items():  # also per label value, as "name{label=value}"
+                key = f"{m.name}{{{label}={value}}}"
+                flat[key] = flat.get(key, 0) + m.value
         if m.name == "vllm:spec_decode_num_drafts":
             spec.num_drafts += m.value
         elif m.name == "vllm:spec_decode_num_draft_tokens":
@@ -183,7 +206,7 @@ def first_error(log: str) -> str:
 
 def run_job(job: Job, timeout: float = 900) -> JobResult:
     """Run ``job`` in a fresh Python process; raise ``RuntimeError`` with the log tail on failure."""
-    env = _job_env(job.plugins, job.env)
+    env = _job_env(job.plugins, job.env, job.worker_counters)
     with tempfile.TemporaryDirectory(prefix="mtp-job-") as tmp:
         out, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
         with log.open("w") as log_file:
@@ -197,6 +220,9 @@ def run_job(job: Job, timeout: float = 900) -> JobResult:
             raise RuntimeError(f"engine job failed (exit {proc.returncode}): {first_error(text)}\n{text[-6000:]}")
         data = json.loads(out.read_text())
     data["spec"] = SpecMetrics(**data["spec"])
+    for key in ("logprobs", "prompt_logprobs"):  # JSON turned the token-id keys into strings
+        data[key] = [None if req is None else [None if step is None else {int(t): v for t, v in step.items()}
+                                               for step in req] for req in data[key]]
     data["log"] = text
     return JobResult(**data)
 
@@ -216,7 +242,7 @@ class EngineWorker:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "vllm_mtp_gemma4.bench.job", "--worker", str(write_fd)],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
-                env=_job_env(plugins, env or {}), cwd=log_path.parent, pass_fds=(write_fd,),
+                env=_job_env(plugins, env or {}, worker_counters=plugins), cwd=log_path.parent, pass_fds=(write_fd,),
                 start_new_session=True,  # one process group, to kill the engine core with it
             )
         os.close(write_fd)  # so a dead worker reads as end of file
@@ -295,12 +321,29 @@ def _timed_pass(llm: Any, prompts: list[str] | list[list[int]], sampling: dict[s
 
     params, inputs = SamplingParams(**sampling), _prompt_inputs(prompts)
     before, seconds, tokens = _read_metrics(llm)[0], 0.0, 0
+    counters_before = _fused_counters(llm)
     for i in range(0, len(inputs), batch_size):
         start = time.perf_counter()
         outputs = llm.generate(inputs[i:i + batch_size], params, use_tqdm=False)
         seconds += time.perf_counter() - start
         tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-    return RunResult(seconds, tokens, _read_metrics(llm)[0] - before, _peak_rss_bytes())
+    split = {}
+    if counters_before is not None:
+        after = _fused_counters(llm)
+        steps = after["steps"] - counters_before["steps"]
+        split = {phase: (after["phase_seconds"][phase] - counters_before["phase_seconds"][phase]) / steps
+                 for phase in STEP_PHASES} if steps else {}
+    return RunResult(seconds, tokens, _read_metrics(llm)[0] - before, _peak_rss_bytes(), split)
+
+
+def _fused_counters(llm: Any) -> dict[str, Any] | None:
+    """The fused runner's counters (first worker), or None without the plugin or with ``fused: false``."""
+    if os.environ.get("VLLM_PLUGINS") == PLUGINS_OFF:
+        return None
+    from vllm_mtp_gemma4.worker.runner import fused_step_counters
+
+    counters = llm.collective_rpc(fused_step_counters)[0]
+    return counters if counters["fused"] else None
 
 
 def serve(reply_fd: int) -> None:

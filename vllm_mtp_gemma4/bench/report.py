@@ -19,8 +19,8 @@ from vllm_mtp_gemma4 import __version__
 from vllm_mtp_gemma4.bench.job import STEP_PHASES, SpecMetrics
 from vllm_mtp_gemma4.bench.sweep import BASELINE, METHODS, REFERENCE, Settings, Sweep
 
-NOT_MEASURED = ("not measured yet: upstream vLLM reports no per-step split; "
-                "the plugin's proposer fills `step_time_split`")
+NOT_MEASURED = ("not measured: upstream vLLM reports no per-step split; "
+                "the plugin's fused runner fills `step_time_split`")
 PLOTS = ("tokens_per_s.png", "acceptance.png", "step_time.png")
 
 

@@ -3,19 +3,23 @@
 Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 """
 
-from .merge import merge_drafts, merged_offsets, tail_indices
+from .merge import head_indices, merge_drafts, merged_offsets, tail_indices
 from .sampling import (
     GREEDY_TEMPERATURE,
     SamplingTensors,
+    add_logit_bias,
     process_logits,
     sample_from_probs,
     uniform_noise,
 )
 from .shift import gather_at, shift_for_draft
-from .thinking import thinking_flags
+from .thinking import thinking_after, thinking_flags
 from .verify import (
+    PLACEHOLDER,
+    RelaxedInputs,
     Verdict,
     Verification,
+    accepted_rows,
     greedy_verdict,
     next_tokens,
     relaxed_verdict,
@@ -30,11 +34,16 @@ from .verify import (
 
 __all__ = [
     "GREEDY_TEMPERATURE",
+    "PLACEHOLDER",
+    "RelaxedInputs",
     "SamplingTensors",
     "Verdict",
     "Verification",
+    "accepted_rows",
+    "add_logit_bias",
     "gather_at",
     "greedy_verdict",
+    "head_indices",
     "merge_drafts",
     "merged_offsets",
     "next_tokens",
@@ -46,6 +55,7 @@ __all__ = [
     "sampled_verdict",
     "shift_for_draft",
     "tail_indices",
+    "thinking_after",
     "thinking_flags",
     "uniform_noise",
     "verify_greedy",

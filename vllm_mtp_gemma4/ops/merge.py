@@ -46,3 +46,14 @@ def tail_indices(offsets: Tensor, width: int) -> Tensor:
     """
     return offsets[1:, None] - width + torch.arange(width, device=offsets.device, dtype=offsets.dtype)
 
+
+
+def head_indices(offsets: Tensor, width: int) -> Tensor:
+    """[B, width] flat indices of each row's first ``width`` positions, clamped to the row's last one.
+
+    vLLM lays a row's verified logits out as ``[d1..dn positions, bonus]`` with n <= K; these gather them
+    left-aligned into [B, K+1] slots. Slots past a row's own positions repeat its last one and are never used.
+    Empty rows (offsets[i] == offsets[i+1]) point at index offsets[i] - 1, clamped to 0: the caller masks them.
+    """
+    index = offsets[:-1, None] + torch.arange(width, device=offsets.device, dtype=offsets.dtype)
+    return torch.minimum(index, offsets[1:, None] - 1).clamp(min=0)

@@ -19,9 +19,9 @@ class SamplingTensors(NamedTuple):
     """Per-row sampling parameters, each of shape [B]."""
 
     temperature: Tensor  # float; below GREEDY_TEMPERATURE: greedy
-    top_k: Tensor  # int; <= 0 or >= V: off
-    top_p: Tensor  # float in (0, 1]; >= 1: off
-    min_p: Tensor  # float in [0, 1]; 0: off
+    top_k: Tensor | None  # int; <= 0 or >= V: off; None: off for every row
+    top_p: Tensor | None  # float in (0, 1]; >= 1: off; None: off for every row
+    min_p: Tensor | None  # float in [0, 1]; 0: off; None: off for every row
     seed: Tensor  # int64, any value
 
 
@@ -69,20 +69,35 @@ def _fmix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def process_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+def process_logits(
+    logits: Tensor,
+    temperature: Tensor,
+    top_k: Tensor | None,
+    top_p: Tensor | None,
+    min_p: Tensor | None,
+    max_top_k: int | None = None,
+) -> Tensor:
     """p~[B, ..., V] (float32, rows sum to 1) from logits[B, ..., V] and per-row parameters [B].
 
     Order, as in vLLM's sampler: temperature, then min_p (keep p >= min_p * p_max), then top-k, then top-p on the
     top-k renormalized mass (keep the smallest prefix, in decreasing probability, whose mass reaches top_p).
     Top-k and top-p keep every token tied with the last one kept, so the result never depends on sort order.
     Greedy rows get a one-hot on ``argmax`` (first index on ties), the token greedy verification emits.
+    ``None`` for top_k, top_p or min_p means no row uses it, and skips its work (the sort, for top-k/top-p).
+    ``max_top_k``, known on the host, bounds every row's top_k: a partial top-k then replaces the full sort
+    (5x cheaper on CPU at V=4096). Top-p mass then ignores tokens tied with the k-th one beyond it.
     """
     logits = logits.float()
     greedy = _per_row(temperature < GREEDY_TEMPERATURE, logits)
     scale = torch.where(greedy, 1.0, _per_row(temperature.float(), logits))
     probs = torch.softmax(logits / scale, dim=-1)
-    probs = probs * (probs >= _per_row(min_p, logits) * probs.amax(-1, keepdim=True))
-    probs = probs * (probs >= _top_k_top_p_threshold(probs, _per_row(top_k, logits), _per_row(top_p, logits)))
+    if min_p is not None:
+        probs = probs * (probs >= _per_row(min_p, logits) * probs.amax(-1, keepdim=True))
+    if top_k is not None or top_p is not None:
+        top_k = torch.zeros_like(temperature, dtype=torch.long) if top_k is None else top_k
+        top_p = torch.ones_like(temperature, dtype=torch.float) if top_p is None else top_p
+        threshold = _top_k_top_p_threshold(probs, _per_row(top_k, logits), _per_row(top_p, logits), max_top_k)
+        probs = probs * (probs >= threshold)
     probs = probs / probs.sum(-1, keepdim=True)
     return torch.where(greedy, F.one_hot(logits.argmax(-1), logits.shape[-1]).float(), probs)
 
@@ -91,10 +106,14 @@ def _per_row(x: Tensor, like: Tensor) -> Tensor:
     return x.reshape(x.shape + (1,) * (like.dim() - x.dim()))
 
 
-def _top_k_top_p_threshold(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+def _top_k_top_p_threshold(probs: Tensor, top_k: Tensor, top_p: Tensor, max_top_k: int | None) -> Tensor:
     """[..., 1] smallest probability that top-k then top-p keep."""
     vocab = probs.shape[-1]
-    ordered = probs.sort(dim=-1, descending=True).values
+    if max_top_k is not None and 0 < max_top_k < vocab:
+        ordered = probs.topk(max_top_k, dim=-1).values
+        top_k = top_k.clamp(max=max_top_k)
+    else:
+        ordered = probs.sort(dim=-1, descending=True).values
     k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k).long()
     kth = ordered.gather(-1, (k - 1).expand(*ordered.shape[:-1], 1))
     ordered = ordered * (ordered >= kth)
@@ -114,3 +133,9 @@ def sample_from_probs(probs: Tensor, uniforms: Tensor) -> Tensor:
     """
     cdf = probs.float().cumsum(-1)
     return torch.searchsorted(cdf, uniforms.unsqueeze(-1) * cdf[..., -1:]).squeeze(-1)
+
+
+def add_logit_bias(logits: Tensor, rows: Tensor, token_ids: Tensor, values: Tensor) -> Tensor:
+    """logits[B, P, V] plus ``values`` at (row, every position, token): OpenAI's ``logit_bias``, in place."""
+    logits[rows, :, token_ids] += values[:, None].to(logits.dtype)
+    return logits

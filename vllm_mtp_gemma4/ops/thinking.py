@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -19,3 +21,13 @@ def thinking_flags(start_state: Tensor, tokens: Tensor, open_id: int, close_id: 
     last = torch.where(is_marker, pos, -1).cummax(dim=1).values
     opened = tokens.gather(1, last.clamp(min=0)) == open_id
     return torch.where(last >= 0, opened, start_state[:, None])
+
+
+def thinking_after(start: bool, tokens: Sequence[int], open_id: int, close_id: int) -> bool:
+    """Host-side state after ``tokens`` (committed ids, in order) given ``start``: the last marker decides."""
+    for token in reversed(tokens):
+        if token == open_id:
+            return True
+        if token == close_id:
+            return False
+    return start

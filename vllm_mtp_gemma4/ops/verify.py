@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .sampling import GREEDY_TEMPERATURE, SamplingTensors, process_logits, sample_from_probs, uniform_noise
+from .sampling import SamplingTensors, process_logits, sample_from_probs, uniform_noise
 
 
 class Verdict(NamedTuple):
@@ -131,23 +131,49 @@ def verify_relaxed(
     return resolve(relaxed_verdict(target_logits, drafts, num_drafts, in_thinking, top_n, delta, strict), num_drafts)
 
 
+def accepted_rows(drafts: Tensor, verification: Verification) -> Tensor:
+    """[B, K+1] int64: the accepted drafts, then the next token, then ``PLACEHOLDER`` (-1) in the unused slots."""
+    k = drafts.shape[1]
+    slot = torch.arange(k + 1, device=drafts.device)
+    padded = torch.cat([drafts.long(), drafts.new_zeros(drafts.shape[0], 1).long()], dim=1)
+    n = verification.num_accepted[:, None]
+    rows = torch.where(slot < n, padded, next_tokens(verification)[:, None])
+    return torch.where(slot <= n, rows, PLACEHOLDER)
+
+
+PLACEHOLDER = -1
+"""Marks the slots of a row past its next token, as vLLM's rejection sampler does."""
+
+
 def verify_step(
     target_logits: Tensor,
     drafts: Tensor,
     num_drafts: Tensor,
     sampling: SamplingTensors,
     positions: Tensor,
-    in_thinking: Tensor,
-    top_n: Tensor,
-    delta: Tensor,
+    relaxed: RelaxedInputs | None = None,
+    max_top_k: int | None = None,
 ) -> Verification:
     """The whole verification of one step, greedy and sampled rows together, for argmax drafts.
 
     Greedy rows get a one-hot p~, so the sampled rule reduces to the greedy one for them. positions[B, K+1] are
-    the absolute positions of the tokens being drawn (the noise counters). Relaxed acceptance applies only to
-    flagged positions of sampled rows: greedy rows stay strictly greedy.
+    the absolute positions of the tokens being drawn (the noise counters). With ``relaxed``, relaxed acceptance
+    applies at its flagged positions (in_thinking[B, K]) of its rows (rows[B]); None means no row is relaxed.
+    ``max_top_k`` is ``process_logits``'.
     """
-    probs = process_logits(target_logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
-    strict = sampled_verdict(probs, drafts, uniform_noise(sampling.seed, positions))
-    relaxed_rows = (sampling.temperature >= GREEDY_TEMPERATURE)[:, None]
-    return verify_relaxed(target_logits, drafts, num_drafts, in_thinking & relaxed_rows, top_n, delta, strict)
+    probs = process_logits(target_logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
+                           max_top_k)
+    verdict = sampled_verdict(probs, drafts, uniform_noise(sampling.seed, positions))
+    if relaxed is not None:
+        flagged = relaxed.in_thinking & relaxed.rows[:, None]
+        verdict = relaxed_verdict(target_logits, drafts, num_drafts, flagged, relaxed.top_n, relaxed.delta, verdict)
+    return resolve(verdict, num_drafts)
+
+
+class RelaxedInputs(NamedTuple):
+    """Where and how relaxed acceptance applies in ``verify_step``."""
+
+    in_thinking: Tensor  # [B, K] bool: draft j+1 is judged inside a thinking block
+    rows: Tensor  # [B] bool: the row is relaxed while it thinks
+    top_n: Tensor  # [B] int
+    delta: Tensor  # [B] float

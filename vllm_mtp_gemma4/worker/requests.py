@@ -1,0 +1,141 @@
+"""Per-request state the fused step needs and vLLM's input batch does not keep.
+
+- a noise key: the request's ``seed``, or a random key drawn once, so its draws depend only on (key, position);
+- its thinking state, walked forward over committed tokens (prompt included), so a prompt that ends inside an open
+  block starts in thinking and preemption or chunked prefill cannot lose it;
+- its relaxed-acceptance settings (the engine's, overridden by ``SamplingParams.extra_args``);
+- ``min_p`` and ``logit_bias``, which vLLM drops from its logits processors whenever speculation is on.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vllm_mtp_gemma4.config import PluginConfig, RelaxedAcceptance
+from vllm_mtp_gemma4.ops import thinking_after
+
+
+@dataclass
+class RequestState:
+    key: int
+    relaxed: RelaxedAcceptance
+    relaxed_greedy: bool  # the request opted in itself, which extends relaxed acceptance to greedy rows
+    min_p: float
+    logit_bias: dict[int, float]
+    thinking: bool = False
+    scanned: int = 0  # committed tokens already walked for ``thinking``
+
+
+class RowInputs(NamedTuple):
+    """The step's per-row inputs, [B] each, on the device."""
+
+    key: Tensor  # int64 noise key
+    first_position: Tensor  # int64 sequence index of the token drawn at slot 0
+    thinking: Tensor  # bool: inside a thinking block after the committed tokens
+    relaxed: Tensor  # bool: relaxed acceptance applies to this row while it thinks
+    top_n: Tensor  # int64
+    delta: Tensor  # float32
+    min_p: Tensor | None  # float32; None when no row uses it
+    logit_bias: tuple[Tensor, Tensor, Tensor] | None  # (rows, token ids, values); None when no row uses it
+    max_top_k: int | None  # host int: the largest top_k of the sampled rows; None when one has none
+
+
+class RequestTracker:
+    """Keeps ``RequestState`` per request id and turns the batch's rows into ``RowInputs``."""
+
+    def __init__(self, config: PluginConfig, thinking_open_id: int | None, thinking_close_id: int | None) -> None:
+        self.config = config
+        self.open_id = thinking_open_id
+        self.close_id = thinking_close_id
+        self.states: dict[str, RequestState] = {}
+
+    def forget(self, req_ids: set[str]) -> None:
+        for req_id in req_ids:
+            self.states.pop(req_id, None)
+
+    def _state(self, req_id: str, sampling_params: Any) -> RequestState:
+        state = self.states.get(req_id)
+        if state is None:
+            relaxed, opted_in = self.config.relaxed_for_request(sampling_params.extra_args)
+            seed = sampling_params.seed
+            state = RequestState(
+                key=random.getrandbits(63) if seed is None else seed,
+                relaxed=relaxed,
+                relaxed_greedy=opted_in,
+                min_p=sampling_params.min_p,
+                logit_bias={int(k): float(v) for k, v in (sampling_params.logit_bias or {}).items()},
+            )
+            self.states[req_id] = state
+        return state
+
+    def row_inputs(
+        self,
+        req_ids: list[str],
+        sampling_params: list[Any],
+        token_ids: np.ndarray,
+        num_tokens: np.ndarray,
+        temperature_is_greedy: list[bool],
+        device: torch.device,
+    ) -> tuple[RowInputs, bool]:
+        """Inputs for the batch's rows, and whether any row is relaxed (known here, so the device is not asked).
+
+        token_ids[row, :num_tokens[row]] are the row's committed tokens.
+        """
+        rows = len(req_ids)
+        key = np.empty(rows, np.int64)
+        thinking = np.zeros(rows, bool)
+        relaxed = np.zeros(rows, bool)
+        top_n = np.empty(rows, np.int64)
+        delta = np.empty(rows, np.float32)
+        min_p = np.zeros(rows, np.float32)
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
+        top_ks = [p.top_k for p, greedy in zip(sampling_params, temperature_is_greedy) if not greedy]
+        max_top_k = max(top_ks) if top_ks and min(top_ks) > 0 else None
+        for row, (req_id, params) in enumerate(zip(req_ids, sampling_params)):
+            state = self._state(req_id, params)
+            end = int(num_tokens[row])
+            if self.open_id is not None and self.close_id is not None:
+                new_tokens = token_ids[row, state.scanned:end].tolist()
+                state.thinking = thinking_after(state.thinking, new_tokens, self.open_id, self.close_id)
+            state.scanned = end
+            key[row] = state.key
+            thinking[row] = state.thinking
+            relaxed[row] = state.relaxed.enabled and (state.relaxed_greedy or not temperature_is_greedy[row])
+            top_n[row] = state.relaxed.topk
+            delta[row] = state.relaxed.delta
+            min_p[row] = state.min_p
+            for token_id, value in state.logit_bias.items():
+                bias_rows.append(row)
+                bias_ids.append(token_id)
+                bias_values.append(value)
+
+        def to(x: np.ndarray) -> Tensor:
+            return torch.from_numpy(x).to(device, non_blocking=True)
+
+        logit_bias = None
+        if bias_rows:
+            logit_bias = (
+                torch.tensor(bias_rows, device=device),
+                torch.tensor(bias_ids, device=device),
+                torch.tensor(bias_values, dtype=torch.float32, device=device),
+            )
+        inputs = RowInputs(
+            key=to(key),
+            first_position=to(num_tokens[:rows].astype(np.int64)),
+            thinking=to(thinking),
+            relaxed=to(relaxed),
+            top_n=to(top_n),
+            delta=to(delta),
+            min_p=to(min_p) if min_p.any() else None,
+            logit_bias=logit_bias,
+            max_top_k=max_top_k,
+        )
+        return inputs, bool(relaxed.any())

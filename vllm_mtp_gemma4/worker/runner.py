@@ -1,0 +1,180 @@
+"""The fused target-verify model runner.
+
+One speculative step, composed in ``sample_tokens`` top to bottom:
+
+1. merge: the scheduler already placed each row's drafts after its new token (vLLM's layout, known on the host);
+2. target forward: ``execute_model`` (vLLM's, unchanged);
+3. verify: ``StepVerifier`` over the plugin's ops, for every row (drafted or not);
+4. shift and 5. K draft steps: the proposer, from the device-side verification result;
+6. one host read of ``[sampled ids | next drafts]``, from which bookkeeping and the next step's drafts are built.
+
+Without the plugin's config, with ``"fused": false`` or without the plugin's proposer, every method defers to
+vLLM's runner unchanged (the unfused path). Checked against vLLM 0.32.0 (``GPUModelRunner.sample_tokens``, non-async
+scheduling; the fused path turns async scheduling off).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+from vllm.tokenizers import cached_tokenizer_from_config
+from vllm.v1.outputs import ModelRunnerOutput, SamplerOutput
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+from vllm.v1.structured_output.utils import apply_grammar_bitmask
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_mtp_gemma4.config import PluginConfig, thinking_marker_ids
+from vllm_mtp_gemma4.log import get_logger
+from vllm_mtp_gemma4.ops import GREEDY_TEMPERATURE
+from vllm_mtp_gemma4.worker import STEP_PHASES
+from vllm_mtp_gemma4.worker.proposer import Gemma4MTPProposer
+from vllm_mtp_gemma4.worker.requests import RequestTracker
+from vllm_mtp_gemma4.worker.verifier import StepVerifier
+
+logger = get_logger(__name__)
+
+
+
+class FusedStepMixin:
+    """Replaces the sampling half of vLLM's runner with the fused step when the plugin's proposer drafts."""
+
+    def __init__(self, vllm_config, device: torch.device) -> None:
+        super().__init__(vllm_config, device)
+        config = PluginConfig.from_additional_config(vllm_config.additional_config)
+        self.fused = config is not None and config.fused and isinstance(getattr(self, "drafter", None),
+                                                                        Gemma4MTPProposer)
+        self.fused_steps = 0
+        self.host_reads = 0
+        self.phase_seconds = dict.fromkeys(STEP_PHASES, 0.0)
+        if not self.fused:
+            return
+        open_id, close_id = thinking_marker_ids(cached_tokenizer_from_config(vllm_config.model_config))
+        self.tracker = RequestTracker(config, open_id, close_id)
+        self.verifier = StepVerifier(self.sampler, open_id, close_id)
+        logger.info("vllm-mtp-gemma4: fused target-verify step on (thinking markers %s/%s)", open_id, close_id)
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        # Wall time is the device time on CPU; on CUDA these would need events (not wired up yet).
+        begin = time.perf_counter()
+        yield
+        self.phase_seconds[name] += time.perf_counter() - begin
+
+    def execute_model(self, scheduler_output, *args: Any, **kwargs: Any):
+        if not self.fused:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        with self._phase("target"):
+            return super().execute_model(scheduler_output, *args, **kwargs)
+
+    def _update_states(self, scheduler_output):
+        result = super()._update_states(scheduler_output)
+        if self.fused:
+            self.tracker.forget(scheduler_output.finished_req_ids)
+            # Noise is counter-based; vLLM's per-request generators would only be rewound on partial prefills,
+            # which CPU generators cannot do ("CPU Generator does not use offset").
+            self.input_batch.generators.clear()
+        return result
+
+    def _sample(self, logits: Tensor | None, spec_decode_metadata: SpecDecodeMetadata | None) -> SamplerOutput:
+        if not self.fused:
+            return super()._sample(logits, spec_decode_metadata)
+        batch = self.input_batch
+        num_rows = batch.num_reqs
+        req_ids = batch.req_ids[:num_rows]
+        params = [self.requests[req_id].sampling_params for req_id in req_ids]
+        rows, any_relaxed = self.tracker.row_inputs(
+            req_ids, params, batch.token_ids_cpu, batch.num_tokens_no_spec,
+            [p.temperature < GREEDY_TEMPERATURE for p in params], self.device,
+        )
+        sampler_output, _ = self.verifier.verify(
+            logits, spec_decode_metadata, batch.sampling_metadata, rows, batch.spec_token_ids[:num_rows],
+            any_relaxed,
+        )
+        return sampler_output
+
+    def sample_tokens(self, grammar_output):
+        if not self.fused or self.execute_model_state is None:
+            return super().sample_tokens(grammar_output)
+        (scheduler_output, logits, spec_decode_metadata, spec_decode_common_attn_metadata, hidden_states,
+         sample_hidden_states, aux_hidden_states, ec_connector_output, cudagraph_stats,
+         slot_mappings) = self.execute_model_state
+        self.execute_model_state = None
+        if grammar_output is not None:
+            apply_grammar_bitmask(scheduler_output, grammar_output, self.input_batch, logits)
+
+        with self._phase("verify"):
+            sampler_output = self._sample(logits, spec_decode_metadata)
+        self._update_states_after_model_execute(sampler_output.sampled_token_ids, scheduler_output)
+        self._draft_probs = self._draft_prob_req_ids = None
+        self.valid_sampled_token_count_gpu = None
+        self.input_batch.prev_sampled_token_ids = None
+
+        drafts = None  # shift + K draft steps, on the device, from the device-side verification
+        with self._phase("draft"):
+            if self._input_fits_in_drafter(spec_decode_common_attn_metadata):
+                drafts = self.propose_draft_token_ids(
+                    scheduler_output, sampler_output.sampled_token_ids, self.input_batch.sampling_metadata,
+                    hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                    spec_decode_common_attn_metadata, slot_mappings,
+                )
+        with self._phase("host"):
+            sampled, next_drafts = self._read_step(sampler_output.sampled_token_ids, drafts)
+            self._draft_token_ids = next_drafts
+            self._draft_token_req_ids = self.input_batch.req_ids.copy()
+            (num_nans_in_logits, _, logprobs_lists, valid_sampled_token_ids, prompt_logprobs_dict,
+             req_ids_output_copy, req_id_to_index_output_copy, _) = self._bookkeeping_sync(
+                scheduler_output, SamplerOutput(sampled, sampler_output.logprobs_tensors), logits, hidden_states,
+                scheduler_output.total_num_scheduled_tokens,
+            )
+        self.finalize_kv_connector()
+        self.eplb_step()
+        kv_connector_output, self.kv_connector_output = self.kv_connector_output, None
+        return ModelRunnerOutput(
+            req_ids=req_ids_output_copy,
+            req_id_to_index=req_id_to_index_output_copy,
+            sampled_token_ids=valid_sampled_token_ids,
+            logprobs=logprobs_lists,
+            prompt_logprobs_dict=prompt_logprobs_dict,
+            kv_connector_output=kv_connector_output,
+            ec_connector_output=ec_connector_output if self.supports_mm_inputs else None,
+            num_nans_in_logits=num_nans_in_logits,
+            cudagraph_stats=cudagraph_stats,
+        )
+
+    def _read_step(self, sampled: Tensor, drafts: Tensor | None) -> tuple[Tensor, list[list[int]]]:
+        """The step's one device-to-host read: sampled ids [B, K+1] and next drafts [B, K] in one tensor.
+
+        Requested logprobs come on top (vLLM's ``LogprobsTensors.tolists``).
+        """
+        width = sampled.shape[1]
+        if drafts is None:  # the drafter cannot take this batch: schedule zeros, as vLLM does
+            drafts = sampled.new_zeros(sampled.shape[0], self.num_spec_tokens)
+        host = torch.cat([sampled, drafts.to(sampled.dtype)], dim=1).to("cpu")
+        self.fused_steps += 1
+        self.host_reads += 1
+        return host[:, :width], host[:, width:].tolist()
+
+
+def fused_step_counters(worker: Any) -> dict[str, Any]:
+    """Read through ``LLM.collective_rpc``: whether the fused step runs, its steps, host reads and phase times."""
+    runner = worker.model_runner
+    return {
+        "fused": bool(getattr(runner, "fused", False)),
+        "steps": getattr(runner, "fused_steps", 0),
+        "host_reads": getattr(runner, "host_reads", 0),
+        "phase_seconds": dict(getattr(runner, "phase_seconds", {})),
+    }
+
+
+class FusedCPUModelRunner(FusedStepMixin, CPUModelRunner):
+    """vLLM's CPU runner with the fused step."""
+
+
+class FusedGPUModelRunner(FusedStepMixin, GPUModelRunner):
+    """vLLM's V1 GPU runner with the fused step."""
