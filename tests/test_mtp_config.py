@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from vllm_mtp_gemma4.config import SECTION, MTPConfigError, PluginConfig, load_speculative_config, resolve
+from vllm_mtp_gemma4.config import (
+    SECTION,
+    MTPConfigError,
+    PluginConfig,
+    check_draft_parallelism,
+    check_request_options,
+    load_speculative_config,
+    resolve,
+)
 
 from .conftest import ASSISTANT, TARGET
 
@@ -69,12 +78,24 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[str, str, str]]:
                                "target is 'llama', not Gemma 4"),
         "malformed JSON": (target, '{\n  "method": "mtp",\n  "model" "x"\n}\n',
                            "malformed JSON at line 3, column 11"),
+        "relaxed topk below 1": (target, json.dumps({**GOOD, SECTION: {"relaxed_topk": 0}}),
+                                 f"{SECTION}.relaxed_topk: must be an integer >= 1, got 0"),
+        "relaxed delta out of range": (target, json.dumps({**GOOD, SECTION: {"relaxed_delta": 1.5}}),
+                                       f"{SECTION}.relaxed_delta: must be a number in [0, 1], got 1.5"),
+        "relaxed flag not boolean": (target, json.dumps({**GOOD, SECTION: {"relaxed_acceptance": "on"}}),
+                                     f"{SECTION}.relaxed_acceptance: must be true or false, got 'on'"),
+        "relaxed without fused": (target, json.dumps({**GOOD, SECTION: {"relaxed_acceptance": True,
+                                                                        "fused": False}}),
+                                  f"{SECTION}.relaxed_acceptance: needs the fused step"),
+        "fused not boolean": (target, json.dumps({**GOOD, SECTION: {"fused": 1}}),
+                              f"{SECTION}.fused: must be true or false, got 1"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "unknown key", "unknown plugin key", "wrong type", "K below 1", "missing draft", "draft not an assistant",
-    "backbone mismatch", "target not Gemma 4", "malformed JSON",
+    "backbone mismatch", "target not Gemma 4", "malformed JSON", "relaxed topk below 1",
+    "relaxed delta out of range", "relaxed flag not boolean", "relaxed without fused", "fused not boolean",
 ])
 def test_resolve_rejects(case, tmp_path):
     target, text, fragment = bad_cases(tmp_path)[case]
@@ -85,15 +106,46 @@ def test_resolve_rejects(case, tmp_path):
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("options", "fragment"), [
+    ({"relaxed_topk": 0}, "vllm_xargs.relaxed_topk: must be an integer >= 1, got 0"),
+    ({"relaxed_delta": -0.1}, "vllm_xargs.relaxed_delta: must be a number in [0, 1], got -0.1"),
+    ({"relaxed_acceptance": 1}, "vllm_xargs.relaxed_acceptance: must be true or false, got 1"),
+])
+def test_request_options_rejected(options, fragment):
+    with pytest.raises(MTPConfigError, match=re.escape(fragment)):
+        check_request_options(options, PluginConfig())
+
+
+def test_request_options_override_the_config():
+    config = PluginConfig(relaxed_topk=4)
+    settings, opted_in = config.relaxed_for_request({"relaxed_acceptance": True, "relaxed_delta": 0.2, "other": 1})
+    assert (settings.enabled, settings.topk, settings.delta, opted_in) == (True, 4, 0.2, True)
+    assert config.relaxed_for_request(None) == (config.relaxed, False)
+    with pytest.raises(MTPConfigError, match="this server runs without the fused step"):
+        check_request_options({"relaxed_acceptance": True}, PluginConfig(fused=False))
+
+
+def test_draft_tensor_parallel_size_must_match_the_target():
+    check_draft_parallelism({"draft_tensor_parallel_size": 2}, 2)
+    check_draft_parallelism({}, 2)
+    with pytest.raises(MTPConfigError, match="'draft_tensor_parallel_size' is 1 but the target runs with "
+                                             "--tensor-parallel-size 2"):
+        check_draft_parallelism({"draft_tensor_parallel_size": 1}, 2)
+
+
 @pytest.mark.engine
 @pytest.mark.parametrize("case", ["unknown key", "K below 1", "backbone mismatch", "malformed JSON",
-                                  "target not Gemma 4"])
+                                  "target not Gemma 4", "relaxed delta out of range", "draft TP mismatch"])
 def test_vllm_serve_exits_with_one_line(case, tmp_path):
-    target, text, fragment = bad_cases(tmp_path)[case]
+    cases = {**bad_cases(tmp_path), "draft TP mismatch": (
+        str(TARGET), json.dumps({**GOOD, "draft_tensor_parallel_size": 1, SECTION: {}}),
+        "'draft_tensor_parallel_size' is 1 but the target runs with --tensor-parallel-size 2")}
+    target, text, fragment = cases[case]
     path = tmp_path / "mtp.json"
     path.write_text(text)
     vllm = Path(sys.executable).parent / "vllm"
-    proc = subprocess.run([str(vllm), "serve", target, "--speculative-config", str(path), "--port", "0"],
+    extra = ["--tensor-parallel-size", "2"] if case == "draft TP mismatch" else []
+    proc = subprocess.run([str(vllm), "serve", target, "--speculative-config", str(path), "--port", "0", *extra],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0

@@ -50,6 +50,9 @@ class PluginConfig:
     relaxed_acceptance: bool = False
     relaxed_topk: int = 10
     relaxed_delta: float = 0.6
+    adaptive_k: bool = False
+    adaptive_threshold: float = 0.3
+    adaptive_batch_scale: int = 16
 
     @classmethod
     def from_dict(cls, section: Any, where: str = SECTION) -> PluginConfig:
@@ -59,12 +62,20 @@ class PluginConfig:
         for key in section:
             if key not in known:
                 raise MTPConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(known))})")
-        if not isinstance(section.get("fused", True), bool):
-            raise MTPConfigError(f"{where}.fused: must be true or false, got {section['fused']!r}")
+        for flag in ("fused", "adaptive_k"):
+            if not isinstance(section.get(flag, False), bool):
+                raise MTPConfigError(f"{where}.{flag}: must be true or false, got {section[flag]!r}")
+        threshold = section.get("adaptive_threshold", 0.3)
+        if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+            raise MTPConfigError(f"{where}.adaptive_threshold: must be a number in [0, 1], got {threshold!r}")
+        scale = section.get("adaptive_batch_scale", 16)
+        if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+            raise MTPConfigError(f"{where}.adaptive_batch_scale: must be an integer >= 1, got {scale!r}")
         config = cls(**section)
         check_relaxed_options(section, where)
-        if config.relaxed_acceptance and not config.fused:
-            raise MTPConfigError(f"{where}.relaxed_acceptance: needs the fused step (\"fused\": true)")
+        for feature in ("relaxed_acceptance", "adaptive_k"):
+            if getattr(config, feature) and not config.fused:
+                raise MTPConfigError(f"{where}.{feature}: needs the fused step (\"fused\": true)")
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,3 +248,14 @@ def thinking_marker_ids(tokenizer: Any) -> tuple[int | None, int | None]:
     """Ids of Gemma 4's thinking markers in ``tokenizer`` (None where it lacks them)."""
     vocab = tokenizer.get_vocab()
     return vocab.get(THINKING_OPEN), vocab.get(THINKING_CLOSE)
+
+
+def check_draft_parallelism(spec: dict[str, Any], tensor_parallel_size: int) -> None:
+    """The assistant reads the target's KV shards in place, so it must be sharded exactly like the target."""
+    draft_tp = spec.get("draft_tensor_parallel_size")
+    if draft_tp is not None and draft_tp != tensor_parallel_size:
+        raise MTPConfigError(
+            f"speculative config: 'draft_tensor_parallel_size' is {draft_tp} but the target runs with "
+            f"--tensor-parallel-size {tensor_parallel_size}; the assistant reads the target's KV shards, so they "
+            f"must match (or leave the key out)"
+        )

@@ -15,6 +15,7 @@ from vllm_mtp_gemma4.config import (
     SECTION,
     MTPConfigError,
     PluginConfig,
+    check_draft_parallelism,
     check_request_options,
     load_speculative_config,
     resolve,
@@ -66,6 +67,7 @@ def _resolve_speculative_config() -> None:
             spec = load_speculative_config(self.speculative_config)
             self.speculative_config, plugin_config = resolve(spec, self.model, allowed)
             if plugin_config is not None:
+                check_draft_parallelism(self.speculative_config, self.tensor_parallel_size)
                 self.additional_config = {**(self.additional_config or {}), SECTION: plugin_config.to_dict()}
                 if plugin_config.fused:
                     # The fused step reads the device once per step itself; vLLM's async scheduling

@@ -3,6 +3,7 @@
 Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 """
 
+from .adaptive import choose_num_drafts, draft_chances, draft_survival, draft_threshold, update_calibration
 from .merge import head_indices, merge_drafts, merged_offsets, tail_indices
 from .sampling import (
     GREEDY_TEMPERATURE,
@@ -41,6 +42,10 @@ __all__ = [
     "Verification",
     "accepted_rows",
     "add_logit_bias",
+    "choose_num_drafts",
+    "draft_chances",
+    "draft_survival",
+    "draft_threshold",
     "gather_at",
     "greedy_verdict",
     "head_indices",
@@ -58,6 +63,7 @@ __all__ = [
     "thinking_after",
     "thinking_flags",
     "uniform_noise",
+    "update_calibration",
     "verify_greedy",
     "verify_relaxed",
     "verify_sampled",

@@ -6,11 +6,16 @@ block table) and resolves the target's language model through ``get_language_mod
 
 - the centroid-masked head (``use_ordered_embeddings``) on every device: upstream captures CUDA
   graphs for it at load, which fails on CPU; elsewhere than CUDA the sparse argmax runs eagerly;
-- a start-up log line naming the draft-to-target layer wiring, so a run shows which proposer drafted.
+- a start-up log line naming the draft-to-target layer wiring, so a run shows which proposer drafted;
+- with adaptive K, the assistant's top-1 probability at each draft step (``last_confidence``, [B, steps]),
+  which the fused runner turns into a per-request draft count.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.nn as nn
 from vllm.v1.spec_decode.gemma4 import Gemma4Proposer
 
@@ -26,6 +31,8 @@ class Gemma4MTPProposer(Gemma4Proposer):
     def __init__(self, vllm_config, device, runner=None) -> None:
         super().__init__(vllm_config, device, runner)
         self.plugin_config = PluginConfig.from_dict((vllm_config.additional_config or {}).get(SECTION, {}))
+        self.last_confidence: torch.Tensor | None = None
+        self._confidence: list[torch.Tensor] = []
 
     def load_model(self, target_model: nn.Module) -> None:
         super().load_model(target_model)
@@ -42,3 +49,18 @@ class Gemma4MTPProposer(Gemma4Proposer):
         # Without CUDA, ``_greedy_sample`` falls back to ``model.get_top_tokens`` (no graphs captured).
         if self.device.type == "cuda":
             super()._setup_centroids_cuda_graphs()
+
+    def propose(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._confidence = []
+        drafts = super().propose(*args, **kwargs)
+        self.last_confidence = torch.stack(self._confidence, dim=1) if self._confidence else None
+        return drafts
+
+    def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # The centroid head and the vocab-parallel argmax never build full logits; they get no confidence.
+        if not self.plugin_config.adaptive_k or self._centroids_sizes or self.use_local_argmax_reduction \
+                or self.use_heterogeneous_vocab or getattr(self.model, "masked_embedding", None) is not None:
+            return super()._greedy_sample(hidden_states)
+        top = self.model.compute_logits(hidden_states).float().softmax(dim=-1).max(dim=-1)
+        self._confidence.append(top.values)
+        return top.indices

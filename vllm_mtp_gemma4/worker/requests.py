@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from vllm_mtp_gemma4.config import PluginConfig, RelaxedAcceptance
-from vllm_mtp_gemma4.ops import thinking_after
+from vllm_mtp_gemma4.ops import thinking_after, update_calibration
 
 
 @dataclass
@@ -30,6 +30,14 @@ class RequestState:
     logit_bias: dict[int, float]
     thinking: bool = False
     scanned: int = 0  # committed tokens already walked for ``thinking``
+    # Adaptive K (``ops/adaptive.py``): how far to trust the assistant's confidence at each draft step for this
+    # request, the chances given to the drafts it has in flight, and how many it sent last.
+    calibration: list[float] = field(default_factory=list)
+    pending_chances: list[float] = field(default_factory=list)
+    last_count: int | None = None
+
+
+INITIAL_CALIBRATION = 4.0
 
 
 class RowInputs(NamedTuple):
@@ -54,6 +62,49 @@ class RequestTracker:
         self.open_id = thinking_open_id
         self.close_id = thinking_close_id
         self.states: dict[str, RequestState] = {}
+        self.calibration: list[float] = []  # engine-wide, per draft step: where a new request's starts
+
+    def draft_steps(self, req_ids: list[str], max_k: int) -> int:
+        """Draft steps to run: one more than the longest list any of these requests sent last (new ones: all)."""
+        counts = [self.states[r].last_count if r in self.states else None for r in req_ids]
+        if not counts or None in counts:
+            return max_k
+        return min(max_k, max(counts) + 1)
+
+    def calibrations(self, req_ids: list[str], max_k: int) -> list[list[float]]:
+        """[B][K] per-step calibration of each request (new ones start from the engine-wide estimate)."""
+        if len(self.calibration) < max_k:
+            # Optimistic start: drafts get sent, so the outcomes that correct the estimate get observed.
+            self.calibration += [INITIAL_CALIBRATION] * (max_k - len(self.calibration))
+        rows = []
+        for req_id in req_ids:
+            state = self.states.get(req_id)
+            if state is not None and len(state.calibration) < max_k:
+                state.calibration += self.calibration[len(state.calibration):max_k]
+            rows.append(state.calibration[:max_k] if state is not None else self.calibration[:max_k])
+        return rows
+
+    def observe_acceptance(self, req_ids: list[str], num_drafts: list[int], sampled: Tensor) -> None:
+        """Update calibrations with the outcome of every draft just verified (sampled: host, -1 padded).
+
+        With a accepted out of n, drafts 1..a were accepted and draft a+1 (if a < n) was rejected; later drafts
+        were never judged.
+        """
+        accepted = ((sampled != -1).sum(dim=1) - 1).tolist()
+        for req_id, n, a in zip(req_ids, num_drafts, accepted):
+            state = self.states.get(req_id)
+            if state is None:
+                continue
+            for step, chance in enumerate(state.pending_chances[:min(n, a + 1)]):
+                outcome = step < a
+                state.calibration[step] = update_calibration(state.calibration[step], chance, outcome)
+                self.calibration[step] = update_calibration(self.calibration[step], chance, outcome, weight=0.02)
+
+    def expect(self, req_ids: list[str], counts: list[int], chances: list[list[float]]) -> None:
+        for req_id, count, row in zip(req_ids, counts, chances):
+            state = self.states.get(req_id)
+            if state is not None:
+                state.last_count, state.pending_chances = count, row[:count]
 
     def forget(self, req_ids: set[str]) -> None:
         for req_id in req_ids:
@@ -65,6 +116,7 @@ class RequestTracker:
             relaxed, opted_in = self.config.relaxed_for_request(sampling_params.extra_args)
             seed = sampling_params.seed
             state = RequestState(
+                calibration=list(self.calibration),
                 key=random.getrandbits(63) if seed is None else seed,
                 relaxed=relaxed,
                 relaxed_greedy=opted_in,

@@ -5,8 +5,11 @@ One speculative step, composed in ``sample_tokens`` top to bottom:
 1. merge: the scheduler already placed each row's drafts after its new token (vLLM's layout, known on the host);
 2. target forward: ``execute_model`` (vLLM's, unchanged);
 3. verify: ``StepVerifier`` over the plugin's ops, for every row (drafted or not);
-4. shift and 5. K draft steps: the proposer, from the device-side verification result;
-6. one host read of ``[sampled ids | next drafts]``, from which bookkeeping and the next step's drafts are built.
+4. shift and 5. K draft steps: the proposer, from the device-side verification result. With adaptive K it runs
+   one step more than the batch's longest draft list last time, and each request's count is chosen on the device
+   from the assistant's confidence (``ops/adaptive.py``);
+6. one host read of ``[sampled ids | next drafts (| draft counts, beliefs)]``, from which bookkeeping and the
+   next step's drafts are built.
 
 Without the plugin's config, with ``"fused": false`` or without the plugin's proposer, every method defers to
 vLLM's runner unchanged (the unfused path). Checked against vLLM 0.32.0 (``GPUModelRunner.sample_tokens``, non-async
@@ -31,7 +34,13 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vllm_mtp_gemma4.config import PluginConfig, thinking_marker_ids
 from vllm_mtp_gemma4.log import get_logger
-from vllm_mtp_gemma4.ops import GREEDY_TEMPERATURE
+from vllm_mtp_gemma4.ops import (
+    GREEDY_TEMPERATURE,
+    choose_num_drafts,
+    draft_chances,
+    draft_survival,
+    draft_threshold,
+)
 from vllm_mtp_gemma4.worker import STEP_PHASES
 from vllm_mtp_gemma4.worker.proposer import Gemma4MTPProposer
 from vllm_mtp_gemma4.worker.requests import RequestTracker
@@ -54,6 +63,7 @@ class FusedStepMixin:
         self.phase_seconds = dict.fromkeys(STEP_PHASES, 0.0)
         if not self.fused:
             return
+        self.plugin_config = config
         open_id, close_id = thinking_marker_ids(cached_tokenizer_from_config(vllm_config.model_config))
         self.tracker = RequestTracker(config, open_id, close_id)
         self.verifier = StepVerifier(self.sampler, open_id, close_id)
@@ -116,15 +126,27 @@ class FusedStepMixin:
         self.input_batch.prev_sampled_token_ids = None
 
         drafts = None  # shift + K draft steps, on the device, from the device-side verification
+        adaptive = self.plugin_config.adaptive_k
+        req_ids = self.input_batch.req_ids
         with self._phase("draft"):
             if self._input_fits_in_drafter(spec_decode_common_attn_metadata):
+                if adaptive:  # vLLM hands the proposer this count as its number of draft steps
+                    scheduler_output.num_spec_tokens_to_schedule = self.tracker.draft_steps(
+                        req_ids, self.num_spec_tokens)
                 drafts = self.propose_draft_token_ids(
                     scheduler_output, sampler_output.sampled_token_ids, self.input_batch.sampling_metadata,
                     hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                     spec_decode_common_attn_metadata, slot_mappings,
                 )
+            choice = self._choose_num_drafts(drafts) if adaptive and drafts is not None else None
         with self._phase("host"):
-            sampled, next_drafts = self._read_step(sampler_output.sampled_token_ids, drafts)
+            sampled, next_drafts, chosen = self._read_step(sampler_output.sampled_token_ids, drafts, choice)
+            if chosen is not None:
+                num_drafts = spec_decode_metadata.num_draft_tokens if spec_decode_metadata else [0] * len(req_ids)
+                self.tracker.observe_acceptance(req_ids, num_drafts, sampled)
+                counts, chances = chosen
+                self.tracker.expect(req_ids, counts, chances)
+                next_drafts = [row[:n] for row, n in zip(next_drafts, counts)]
             self._draft_token_ids = next_drafts
             self._draft_token_req_ids = self.input_batch.req_ids.copy()
             (num_nans_in_logits, _, logprobs_lists, valid_sampled_token_ids, prompt_logprobs_dict,
@@ -147,18 +169,41 @@ class FusedStepMixin:
             cudagraph_stats=cudagraph_stats,
         )
 
-    def _read_step(self, sampled: Tensor, drafts: Tensor | None) -> tuple[Tensor, list[list[int]]]:
-        """The step's one device-to-host read: sampled ids [B, K+1] and next drafts [B, K] in one tensor.
+    def _choose_num_drafts(self, drafts: Tensor) -> Tensor | None:
+        """[B, 1 + steps]: drafts to verify per request, then the chance ``q_l`` given to each, on the device."""
+        confidence = self.drafter.last_confidence
+        if confidence is None:  # a head without confidence (centroids): every draft goes
+            return None
+        config = self.plugin_config
+        calibration = torch.tensor(self.tracker.calibrations(self.input_batch.req_ids, self.num_spec_tokens),
+                                   device=confidence.device)
+        tau = draft_threshold(confidence.shape[0], config.adaptive_threshold, config.adaptive_batch_scale)
+        chances = draft_chances(confidence, calibration)
+        counts = choose_num_drafts(draft_survival(chances), tau)
+        return torch.cat([counts[:, None].double(), chances.double()], dim=1)
+
+    def _read_step(
+        self, sampled: Tensor, drafts: Tensor | None, choice: Tensor | None
+    ) -> tuple[Tensor, list[list[int]], tuple[list[int], list[list[float]]] | None]:
+        """The step's one device-to-host read: sampled ids [B, K+1], next drafts [B, steps] and, with adaptive K,
+        the per-request draft counts and chances, packed in one tensor (float64 when mixed: ids stay exact).
 
         Requested logprobs come on top (vLLM's ``LogprobsTensors.tolists``).
         """
         width = sampled.shape[1]
         if drafts is None:  # the drafter cannot take this batch: schedule zeros, as vLLM does
             drafts = sampled.new_zeros(sampled.shape[0], self.num_spec_tokens)
-        host = torch.cat([sampled, drafts.to(sampled.dtype)], dim=1).to("cpu")
+        parts = [sampled, drafts.to(sampled.dtype)]
+        if choice is not None:
+            parts = [p.double() for p in parts] + [choice]
+        host = torch.cat(parts, dim=1).to("cpu")
         self.fused_steps += 1
         self.host_reads += 1
-        return host[:, :width], host[:, width:].tolist()
+        end = width + drafts.shape[1]
+        chosen = None
+        if choice is not None:
+            chosen = (host[:, end].long().tolist(), host[:, end + 1:].tolist())
+        return host[:, :width].to(sampled.dtype), host[:, width:end].long().tolist(), chosen
 
 
 def fused_step_counters(worker: Any) -> dict[str, Any]:
@@ -169,6 +214,7 @@ def fused_step_counters(worker: Any) -> dict[str, Any]:
         "steps": getattr(runner, "fused_steps", 0),
         "host_reads": getattr(runner, "host_reads", 0),
         "phase_seconds": dict(getattr(runner, "phase_seconds", {})),
+        "calibration": runner.tracker.calibration if getattr(runner, "fused", False) else None,
     }
 
 
