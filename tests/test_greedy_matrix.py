@@ -103,3 +103,16 @@ def test_greedy_identical_to_plain_decoding(k, assistant, workload, plain):
     assert f"Gemma4MTPProposer drafting K={k}" in spec.log and spec.spec.num_drafts > 0
     assert spec.metrics.get("vllm:num_preemptions", 0) > 0, "the small cache did not preempt"
     assert spec.metrics.get("vllm:prefix_cache_hits", 0) > 0
+
+
+def test_greedy_identical_with_adaptive_k(workload, plain):
+    """Adaptive K (per-request draft counts, fewer draft steps) on the same workload: still token-identical."""
+    prompts, sampling = workload
+    spec_config = {**mtp_config(5), "vllm_mtp_gemma4": {"adaptive_k": True}}
+    spec = run_job(Job(engine={**MATRIX_ENGINE, **SMALL_CACHE, "speculative_config": spec_config},
+                       prompts=prompts, sampling=sampling, batches=BATCHES))
+    assert spec.token_ids == plain.token_ids
+    assert spec.finish_reasons == plain.finish_reasons
+    assert "fused target-verify step on" in spec.log
+    # Some steps verified fewer than 5 drafts: the counts really adapt.
+    assert 0 < spec.spec.num_draft_tokens < 5 * spec.spec.num_drafts

@@ -109,7 +109,8 @@ def test_resolve_rejects(case, tmp_path):
 @pytest.mark.parametrize(("options", "fragment"), [
     ({"relaxed_topk": 0}, "vllm_xargs.relaxed_topk: must be an integer >= 1, got 0"),
     ({"relaxed_delta": -0.1}, "vllm_xargs.relaxed_delta: must be a number in [0, 1], got -0.1"),
-    ({"relaxed_acceptance": 1}, "vllm_xargs.relaxed_acceptance: must be true or false, got 1"),
+    ({"relaxed_acceptance": "yes"}, "vllm_xargs.relaxed_acceptance: must be true or false (0 or 1 over HTTP)"),
+    ({"relaxed_acceptance": 2}, "vllm_xargs.relaxed_acceptance: must be true or false (0 or 1 over HTTP), got 2"),
 ])
 def test_request_options_rejected(options, fragment):
     with pytest.raises(MTPConfigError, match=re.escape(fragment)):
@@ -121,6 +122,7 @@ def test_request_options_override_the_config():
     settings, opted_in = config.relaxed_for_request({"relaxed_acceptance": True, "relaxed_delta": 0.2, "other": 1})
     assert (settings.enabled, settings.topk, settings.delta, opted_in) == (True, 4, 0.2, True)
     assert config.relaxed_for_request(None) == (config.relaxed, False)
+    assert config.relaxed_for_request({"relaxed_acceptance": 1})[1] is True  # HTTP has no booleans in vllm_xargs
     with pytest.raises(MTPConfigError, match="this server runs without the fused step"):
         check_request_options({"relaxed_acceptance": True}, PluginConfig(fused=False))
 

@@ -12,6 +12,10 @@ from vllm_mtp_gemma4.ops import (
     SamplingTensors,
     Verification,
     accepted_rows,
+    choose_num_drafts,
+    draft_chances,
+    draft_survival,
+    draft_threshold,
     gather_at,
     greedy_verdict,
     merge_drafts,
@@ -26,6 +30,7 @@ from vllm_mtp_gemma4.ops import (
     tail_indices,
     thinking_flags,
     uniform_noise,
+    update_calibration,
     verify_greedy,
     verify_relaxed,
     verify_sampled,
@@ -527,3 +532,34 @@ def test_partial_top_k_matches_the_full_sort():
     logits = torch.randn(6, 4, 300, generator=gen) * 2
     args = (t([0.7, 1.0, 0.9, 0.0, 1.2, 0.8]), t([5, 40, 12, 3, 40, 1]), t([0.9, 0.8, 1.0, 1.0, 0.5, 1.0]), None)
     assert torch.equal(process_logits(logits, *args, max_top_k=40), process_logits(logits, *args))
+
+
+# ---------------------------------------------------------------- adaptive K
+
+
+def test_adaptive_threshold_grows_with_batch_to_its_cap():
+    assert draft_threshold(1, 0.3, 16) == pytest.approx(0.3 / 16)
+    assert draft_threshold(8, 0.3, 16) == pytest.approx(0.15)
+    assert draft_threshold(64, 0.3, 16) == pytest.approx(0.3)
+
+
+def test_adaptive_counts_follow_calibrated_survival():
+    confidence = t([[0.9, 0.9, 0.9], [0.5, 0.1, 0.9], [0.2, 0.9, 0.9], [0.3, 0.3, 0.3]])
+    calibration = t([[1.0] * 3, [1.0] * 3, [1.0] * 3, [4.0, 4.0, 1.0]])
+    chances = draft_chances(confidence, calibration)
+    assert chances[3].tolist() == pytest.approx([1.0, 1.0, 0.3])  # capped at 1
+    survival = draft_survival(chances)
+    # Row 0: 0.9, 0.81, 0.73; row 1: 0.5, 0.05; row 2: 0.2; row 3: 1, 1, 0.3.
+    assert choose_num_drafts(survival, 0.3).tolist() == [3, 1, 0, 3]
+    assert choose_num_drafts(survival, 0.0).tolist() == [3, 3, 3, 3]  # tau 0: every draft, as fixed K
+
+
+def test_calibration_moves_toward_outcomes_and_stays_bounded():
+    up = update_calibration(1.0, 0.2, True)
+    down = update_calibration(1.0, 0.8, False)
+    assert up > 1.0 > down
+    assert update_calibration(1.0, 0.0, True) == 1.0  # no chance given: no evidence
+    value = 1.0
+    for _ in range(200):
+        value = update_calibration(value, 0.01, True)
+    assert value == 16.0

@@ -29,3 +29,45 @@ def test_greedy_identical_and_acceptance_reported(plugin_mtp_greedy, plain_greed
     assert len(spec.accepted_per_pos) == 3 and spec.num_drafts > 0
     assert spec.mean_acceptance_length >= 2.0
     assert spec.accepted_per_pos[0] >= spec.accepted_per_pos[1] >= spec.accepted_per_pos[2]
+
+
+def _multimodal_stack_missing() -> str | None:
+    """Why vLLM cannot load ``Gemma4ForConditionalGeneration`` here, or None when it can."""
+    try:
+        import vllm.model_executor.models.gemma4_mm  # noqa: F401
+    except Exception as e:  # noqa: BLE001 (any import failure means the same thing here)
+        return (f"Gemma4ForConditionalGeneration needs vLLM's gemma4_mm, which imports transformers' "
+                f"Gemma4Processor and so torchvision; PyPI has no torchvision for this torch ({type(e).__name__})")
+    return None
+
+
+@pytest.mark.skipif(_multimodal_stack_missing() is not None, reason=str(_multimodal_stack_missing()))
+def test_wrapped_multimodal_architecture(tmp_path, held_out_prompts):
+    """The fixture's target inside Gemma 4's multimodal wrapper: the same proposer, the same greedy tokens.
+
+    One code path: the proposer finds the language model, its layers and embedding through vLLM's
+    ``get_language_model()``, whichever architecture holds it.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma4Config, Gemma4ForConditionalGeneration
+
+    from vllm_mtp_gemma4.bench.job import Job, run_job
+
+    from .conftest import ENGINE, TARGET, mtp_config
+
+    text = AutoModelForCausalLM.from_pretrained(TARGET, torch_dtype=torch.float32)
+    config = Gemma4Config(text_config=AutoConfig.from_pretrained(TARGET).to_dict())
+    wrapped = Gemma4ForConditionalGeneration(config)
+    wrapped.model.language_model.load_state_dict(text.model.state_dict())
+    wrapped.lm_head.load_state_dict(text.lm_head.state_dict())
+    wrapped.save_pretrained(tmp_path / "wrapped")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        if (TARGET / name).exists():
+            (tmp_path / "wrapped" / name).write_bytes((TARGET / name).read_bytes())
+    engine = {**ENGINE, "model": str(tmp_path / "wrapped")}
+    sampling = {"temperature": 0.0, "max_tokens": 32}
+    plain = run_job(Job(engine=engine, prompts=held_out_prompts[:4], sampling=sampling))
+    spec = run_job(Job(engine={**engine, "speculative_config": {**mtp_config(3), "vllm_mtp_gemma4": {}}},
+                       prompts=held_out_prompts[:4], sampling=sampling))
+    assert "Gemma4MTPProposer drafting K=3" in spec.log
+    assert spec.token_ids == plain.token_ids and spec.spec.num_drafts > 0

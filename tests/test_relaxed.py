@@ -34,9 +34,10 @@ MAX_TOKENS = 160
 
 def thinking_prompts() -> list[list[int]]:
     tok = AutoTokenizer.from_pretrained(TARGET)
-    return [tok.apply_chat_template([{"role": "user", "content": f"Write `def {fn}:` from {module}."}],
-                                    add_generation_prompt=True, enable_thinking=True, tokenize=True)
-            for fn, module in FUNCTIONS]
+    texts = [tok.apply_chat_template([{"role": "user", "content": f"Write `def {fn}:` from {module}."}],
+                                     add_generation_prompt=True, enable_thinking=True, tokenize=False)
+             for fn, module in FUNCTIONS]
+    return [tok(text, add_special_tokens=False).input_ids for text in texts]  # the template has <bos>
 
 
 def close_id() -> int:

@@ -93,7 +93,7 @@ class PluginConfig:
 
     def relaxed_for_request(self, extra_args: dict[str, Any] | None) -> tuple[RelaxedAcceptance, bool]:
         """The request's relaxed settings and whether it opted in itself (which extends them to greedy rows)."""
-        overrides = {RELAXED_KEYS[k]: v for k, v in (extra_args or {}).items() if k in RELAXED_KEYS}
+        overrides = {RELAXED_KEYS[k]: v for k, v in request_options(extra_args).items()}
         settings = RelaxedAcceptance(**{**asdict(self.relaxed), **overrides})
         return settings, overrides.get("enabled") is True
 
@@ -102,7 +102,8 @@ def check_relaxed_options(options: dict[str, Any], where: str) -> None:
     """One-line errors for the relaxed-acceptance keys of ``options`` (config section or ``extra_args``)."""
     flag = options.get("relaxed_acceptance", False)
     if not isinstance(flag, bool):
-        raise MTPConfigError(f"{where}.relaxed_acceptance: must be true or false, got {flag!r}")
+        allowed = "true or false (0 or 1 over HTTP)" if where == "vllm_xargs" else "true or false"
+        raise MTPConfigError(f"{where}.relaxed_acceptance: must be {allowed}, got {flag!r}")
     topk = options.get("relaxed_topk", 1)
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
         raise MTPConfigError(f"{where}.relaxed_topk: must be an integer >= 1, got {topk!r}")
@@ -111,9 +112,19 @@ def check_relaxed_options(options: dict[str, Any], where: str) -> None:
         raise MTPConfigError(f"{where}.relaxed_delta: must be a number in [0, 1], got {delta!r}")
 
 
+def request_options(extra_args: dict[str, Any] | None) -> dict[str, Any]:
+    """The plugin's keys of a request's ``extra_args``. ``vllm_xargs`` carries no booleans over HTTP (vLLM types
+    its values as str, int or float), so the flag also takes 0 and 1."""
+    options = {k: v for k, v in (extra_args or {}).items() if k in RELAXED_KEYS}
+    flag = options.get("relaxed_acceptance")
+    if type(flag) is int and flag in (0, 1):
+        options["relaxed_acceptance"] = bool(flag)
+    return options
+
+
 def check_request_options(extra_args: dict[str, Any] | None, config: PluginConfig) -> None:
     """Validate a request's plugin keys in ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP)."""
-    options = {k: v for k, v in (extra_args or {}).items() if k in RELAXED_KEYS}
+    options = request_options(extra_args)
     check_relaxed_options(options, "vllm_xargs")
     if options.get("relaxed_acceptance") and not config.fused:
         raise MTPConfigError("vllm_xargs.relaxed_acceptance: this server runs without the fused step (fused: false)")
@@ -259,3 +270,14 @@ def check_draft_parallelism(spec: dict[str, Any], tensor_parallel_size: int) -> 
             f"--tensor-parallel-size {tensor_parallel_size}; the assistant reads the target's KV shards, so they "
             f"must match (or leave the key out)"
         )
+
+
+def check_request_limits(n: int, logit_bias: dict[int, float] | None, max_num_seqs: int, vocab_size: int) -> None:
+    """Bounds vLLM leaves open: ``n`` beyond what one engine step can hold, and ``logit_bias`` naming tokens the
+    model does not have (vLLM itself clamps the values to OpenAI's [-100, 100])."""
+    if n > max_num_seqs:
+        raise MTPConfigError(f"n: must be <= {max_num_seqs} (the server's max_num_seqs), got {n}")
+    outside = sorted(t for t in (logit_bias or {}) if not 0 <= t < vocab_size)
+    if outside:
+        raise MTPConfigError(f"logit_bias: {len(outside)} token id(s) outside the vocabulary (0..{vocab_size - 1}), "
+                             f"first {outside[0]}")

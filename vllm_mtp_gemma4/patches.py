@@ -16,6 +16,7 @@ from vllm_mtp_gemma4.config import (
     MTPConfigError,
     PluginConfig,
     check_draft_parallelism,
+    check_request_limits,
     check_request_options,
     load_speculative_config,
     resolve,
@@ -130,6 +131,9 @@ def _spec_decode_allows_min_p_and_logit_bias():
 def _validate_requests() -> None:
     """Per-request plugin options (``extra_args`` / ``vllm_xargs``) are checked at admission: a 400, not a crash.
 
+    So are two bounds vLLM 0.32 leaves open: ``n`` above ``max_num_seqs`` and ``logit_bias`` token ids outside
+    the vocabulary.
+
     ``InputProcessor._validate_params`` runs in the front end for ``LLM`` and the OpenAI server alike; its
     ``VLLMValidationError`` becomes an HTTP 400 naming the parameter. The fused step applies ``min_p`` and
     ``logit_bias`` at every drafted position, so vLLM's refusal of them under speculation is lifted there.
@@ -146,6 +150,8 @@ def _validate_requests() -> None:
             return original(self, params, supported_tasks)
         try:
             check_request_options(params.extra_args, config)
+            check_request_limits(params.n, params.logit_bias, self.vllm_config.scheduler_config.max_num_seqs,
+                                 self.model_config.get_vocab_size())
         except MTPConfigError as e:
             field = str(e).split(":", 1)[0]
             raise VLLMValidationError(str(e), parameter=field, value=None) from None

@@ -29,9 +29,12 @@ from vllm_mtp_gemma4.checkpoint import FIXTURE_DIR
 MODEL_NAME = "gemma4-tiny"
 JSON_SCHEMA = {
     "type": "object",
-    "properties": {"name": {"type": "string"}, "count": {"type": "integer"}},
-    "required": ["name", "count"],
+    "properties": {"name": {"type": "string", "maxLength": 12}, "done": {"type": "boolean"}},
+    "required": ["name", "done"],
+    "additionalProperties": False,
 }
+# Compact JSON: a tiny model left free to emit whitespace between fields can fill max_tokens with it.
+SERVE_ARGS = ("--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}')
 
 
 @dataclass
@@ -50,7 +53,7 @@ def mixed_requests(count: int, long_prompt: str) -> list[dict[str, Any]]:
         ("greedy-short", {"prompt": "def fibonacci(n):\n", "max_tokens": 16, "temperature": 0}),
         ("sampled-long", {"prompt": "import os\n", "max_tokens": 96, "temperature": 0.8, "top_p": 0.9}),
         ("seeded-long-prompt", {"prompt": long_prompt, "max_tokens": 32, "temperature": 0.8, "seed": 7}),
-        ("json", {"messages": [{"role": "user", "content": "Give a name and a count as JSON."}],
+        ("json", {"messages": [{"role": "user", "content": "Give a name and whether it is done, as JSON."}],
                   "max_tokens": 64, "temperature": 0,
                   "response_format": {"type": "json_schema",
                                       "json_schema": {"name": "item", "schema": JSON_SCHEMA}}}),
@@ -138,7 +141,7 @@ class Server:
         args = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(FIXTURE_DIR / "target"),
                 "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", MODEL_NAME,
                 "--reasoning-parser", "gemma4", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2",
-                *extra]
+                *SERVE_ARGS, *extra]
         if speculative:
             args += ["--speculative-config", str(Path(__file__).resolve().parents[2] / "configs" / "mtp.json")]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}

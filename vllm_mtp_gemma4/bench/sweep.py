@@ -35,8 +35,11 @@ class Method:
 METHODS: dict[str, Method] = {
     "plain": Method(plugins=False, speculative=False),  # the baseline: vLLM, no speculation
     "upstream": Method(plugins=False, speculative=True),  # vLLM's own Gemma 4 MTP
-    # Until the plugin's proposer lands this is vLLM's MTP path with the plugin loaded.
-    "plugin": Method(plugins=True, speculative=True),
+    "plugin": Method(plugins=True, speculative=True),  # the plugin's fused step (its defaults)
+    "plugin-unfused": Method(plugins=True, speculative=True, speculative_extra={"vllm_mtp_gemma4": {"fused": False}}),
+    # K is the maximum: each request verifies 0..K drafts per step.
+    "plugin-adaptive": Method(plugins=True, speculative=True,
+                              speculative_extra={"vllm_mtp_gemma4": {"adaptive_k": True}}),
 }
 BASELINE = "plain"
 REFERENCE = "upstream"  # what the plugin's variants are divided by

@@ -1,6 +1,7 @@
 """Per-request state the fused step needs and vLLM's input batch does not keep.
 
-- a noise key: the request's ``seed``, or a random key drawn once, so its draws depend only on (key, position);
+- a noise key: the request's ``seed``, or a hash of its request id (unique per request, and the same on every
+  tensor-parallel rank, which must all draw the same tokens), so its draws depend only on (key, position);
 - its thinking state, walked forward over committed tokens (prompt included), so a prompt that ends inside an open
   block starts in thinking and preemption or chunked prefill cannot lose it;
 - its relaxed-acceptance settings (the engine's, overridden by ``SamplingParams.extra_args``);
@@ -9,7 +10,7 @@
 
 from __future__ import annotations
 
-import random
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -52,6 +53,11 @@ class RowInputs(NamedTuple):
     min_p: Tensor | None  # float32; None when no row uses it
     logit_bias: tuple[Tensor, Tensor, Tensor] | None  # (rows, token ids, values); None when no row uses it
     max_top_k: int | None  # host int: the largest top_k of the sampled rows; None when one has none
+
+
+def request_key(req_id: str) -> int:
+    """A 63-bit noise key from a request id: vLLM's ids carry a random part, so keys differ between requests."""
+    return int.from_bytes(hashlib.blake2b(req_id.encode(), digest_size=8).digest(), "little") >> 1
 
 
 class RequestTracker:
@@ -117,7 +123,7 @@ class RequestTracker:
             seed = sampling_params.seed
             state = RequestState(
                 calibration=list(self.calibration),
-                key=random.getrandbits(63) if seed is None else seed,
+                key=request_key(req_id) if seed is None else seed,
                 relaxed=relaxed,
                 relaxed_greedy=opted_in,
                 min_p=sampling_params.min_p,
