@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.engine
 def test_quick_benchmark_writes_results_plots_and_summary(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "vllm_mtp_gemma4.bench", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "vllm_mtp_gemma4.bench", "--quick", "--out", str(out),
+                           "--methods", "plain,upstream,plugin"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
 
@@ -33,7 +34,11 @@ def test_quick_benchmark_writes_results_plots_and_summary(tmp_path):
         for ratio in ratios:
             assert math.isfinite(ratio["median"]) and ratio["median"] > 0, c
         assert c["kv_blocks"] > 0 and c["peak_rss_mib"] > 0, c
-        assert c["step_time_split"] is None  # upstream vLLM cannot split a step; never faked
+        if c["method"] == "plugin":  # the fused runner times its phases
+            assert set(c["step_time_split"]) == set(STEP_PHASES) and all(
+                v > 0 for v in c["step_time_split"].values()), c
+        else:
+            assert c["step_time_split"] is None  # upstream vLLM cannot split a step; never faked
     upstream = [c for c in configs if c["method"] == "upstream"]
     assert upstream and all(c["mean_acceptance_length"] > 1 for c in upstream), upstream
     for name in report.PLOTS:
