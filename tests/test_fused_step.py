@@ -218,3 +218,12 @@ def test_unfused_config_defers_to_vllms_step(plain_greedy, held_out_prompts):
     assert counters["fused"] is False and counters["steps"] == 0
     assert result.token_ids == plain_greedy.token_ids[:8]
     assert result.spec.mean_acceptance_length > 2.0
+
+
+def test_plain_decoding_with_the_plugin_survives_seeded_chunked_prefill(seeded_matrix):
+    """Without speculation the plugin leaves vLLM's step alone but rewinds CPU generators by saving their state,
+    so the same workload that kills upstream completes."""
+    prompts, sampling = seeded_matrix
+    result = run_job(Job(engine={**MATRIX_ENGINE, **SMALL_CACHE}, prompts=prompts, sampling=sampling))
+    assert len(result.token_ids) == len(prompts) and all(r in ("length", "stop") for r in result.finish_reasons)
+    assert result.metrics.get("vllm:num_preemptions", 0) > 0

@@ -160,14 +160,19 @@ def test_min_p_and_logit_bias_work_with_speculation(client):
 
 
 def test_vllm_xargs_per_request(client, server):
+    """Relaxed acceptance asked for by one request: its thinking is counted, and the reasoning parser still
+    splits reasoning from the answer."""
     before = metric(server, "vllm:mtp_gemma4_spec_steps_total", 'phase="thinking"')
     out = client.chat.completions.create(
-        model=MODEL_NAME, temperature=0, max_tokens=48,
-        messages=[{"role": "user", "content": "Write `def dedent(text):` from textwrap."}],
+        model=MODEL_NAME, temperature=0, max_tokens=200,
+        messages=[{"role": "user", "content": "Write `def rgb_to_hls(r, g, b):` from colorsys."}],
         extra_body={"chat_template_kwargs": {"enable_thinking": True},
                     "vllm_xargs": {"relaxed_acceptance": True, "relaxed_topk": 5, "relaxed_delta": 0.5}},
     )
-    assert out.choices[0].finish_reason in ("length", "stop")
+    msg = out.choices[0].message
+    reasoning = (msg.model_extra or {}).get("reasoning") or ""
+    assert reasoning.strip() and msg.content and "def " in msg.content
+    assert "<channel|>" not in msg.content and "<|channel>" not in reasoning + msg.content
     assert metric(server, "vllm:mtp_gemma4_spec_steps_total", 'phase="thinking"') > before
 
 

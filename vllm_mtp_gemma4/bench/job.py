@@ -48,6 +48,7 @@ class Job:
     env: dict[str, str] = field(default_factory=dict)
     batches: list[int] | None = None
     worker_counters: bool = False  # read the fused runner's counters (``LLM.collective_rpc``, pickled)
+    progress: bool = False  # vLLM's own progress bar on each generate() call
 
 
 @dataclass
@@ -145,7 +146,7 @@ def run_in_process(job: Job) -> JobResult:
     seconds, outputs, start = [], [], 0
     for size in job.batches or [len(prompts)]:
         begin = time.perf_counter()
-        outputs += llm.generate(prompts[start:start + size], params[start:start + size], use_tqdm=False)
+        outputs += llm.generate(prompts[start:start + size], params[start:start + size], use_tqdm=job.progress)
         seconds.append(time.perf_counter() - begin)
         start += size
     spec, flat = _read_metrics(llm)

@@ -196,12 +196,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests", type=int, default=192)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/load"))
+    parser.add_argument("--methods", default="plain,plugin", help="comma-separated: plain, plugin")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     requests = mixed_requests(args.requests, long_prompt())
     report: dict[str, Any] = {"command": " ".join(["python -m vllm_mtp_gemma4.bench.load", *sys.argv[1:]]),
                               "clients": args.clients, "requests": args.requests}
-    for name, speculative in (("plain", False), ("plugin", True)):
+    for name in args.methods.split(","):
+        speculative = name == "plugin"
         with Server(args.out / f"{name}.log", speculative) as server:
             asyncio.run(run_load(server.url, requests[: args.clients], args.clients))  # warm-up
             start = time.perf_counter()
@@ -209,6 +211,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
         errors = [r.error for r in results if r.error]
         report[name] = {**percentiles(results), "seconds": round(seconds, 1), "errors": len(errors),
+                        "first_error": errors[0] if errors else None,
                         "completed": sum(r.finish_reason is not None for r in results)}
         print(name, report[name], flush=True)
     (args.out / "load.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from vllm.tokenizers import cached_tokenizer_from_config
@@ -93,7 +94,8 @@ class FusedStepMixin:
 
     def _sample(self, logits: Tensor | None, spec_decode_metadata: SpecDecodeMetadata | None) -> SamplerOutput:
         if not self.fused:
-            return super()._sample(logits, spec_decode_metadata)
+            with self._keep_discarded_generators():
+                return super()._sample(logits, spec_decode_metadata)
         batch = self.input_batch
         num_rows = batch.num_reqs
         req_ids = batch.req_ids[:num_rows]
@@ -107,6 +109,38 @@ class FusedStepMixin:
             any_relaxed,
         )
         return sampler_output
+
+    @contextmanager
+    def _keep_discarded_generators(self) -> Iterator[None]:
+        """vLLM's own step on CPU: a seeded request whose sample is discarded (a partial prefill) gets its generator
+        back as it was, and vLLM's rewind of it is skipped.
+
+        vLLM 0.32 rewinds with ``set_offset``, which CPU generators lack ("CPU Generator does not use offset"), so a
+        seeded request in chunked prefill kills the engine, with or without speculation. Saving and restoring the
+        generator's state is the same rewind, exactly.
+        """
+        if self.device.type != "cpu":
+            yield
+            return
+        discarded = np.nonzero(self.discard_request_mask.np[: self.input_batch.num_reqs])[0]
+        generators = self.input_batch.generators
+        saved = {int(i): generators[int(i)].get_state() for i in discarded if int(i) in generators}
+        yield
+        for i, state in saved.items():
+            generators[i].set_state(state)
+        self._skip_rewind = set(saved)
+
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any):
+        skip = getattr(self, "_skip_rewind", set())
+        if not skip:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        generators = self.input_batch.generators
+        held = {i: generators.pop(i) for i in skip if i in generators}
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        finally:
+            generators.update(held)
+            self._skip_rewind = set()
 
     def sample_tokens(self, grammar_output):
         if not self.fused or self.execute_model_state is None:
