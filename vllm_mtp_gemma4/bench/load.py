@@ -215,6 +215,30 @@ def main() -> None:
                         "completed": sum(r.finish_reason is not None for r in results)}
         print(name, report[name], flush=True)
     (args.out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_latencies(report, args.out / "latency.png")
+
+
+def plot_latencies(report: dict[str, Any], path: Path) -> None:
+    """Bars of p50/p99 time to first token and inter-token latency, one group per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in ("plain", "plugin") if m in report]
+    keys = ["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        ax.bar([k + i * width for k in range(len(keys))], [report[method][key] for key in keys], width, label=method)
+    ax.set_xticks([k + width * (len(methods) - 1) / 2 for k in range(len(keys))],
+                  ["TTFT p50", "TTFT p99", "ITL p50", "ITL p99"])
+    ax.set_ylabel("ms")
+    ax.set_title(f"{report['clients']} streaming clients, {report['requests']} mixed requests")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
