@@ -172,7 +172,7 @@ class FusedStepMixin:
                     hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                     spec_decode_common_attn_metadata, slot_mappings,
                 )
-            choice = self._choose_num_drafts(drafts) if adaptive and drafts is not None else None
+            choice = self._choose_num_drafts() if adaptive and drafts is not None else None
         with self._phase("host"):
             sampled, next_drafts, chosen = self._read_step(sampler_output.sampled_token_ids, drafts, choice)
             if chosen is not None:
@@ -203,7 +203,7 @@ class FusedStepMixin:
             cudagraph_stats=cudagraph_stats,
         )
 
-    def _choose_num_drafts(self, drafts: Tensor) -> Tensor | None:
+    def _choose_num_drafts(self) -> Tensor | None:
         """[B, 1 + steps]: drafts to verify per request, then the chance ``q_l`` given to each, on the device."""
         confidence = self.drafter.last_confidence
         if confidence is None:  # a head without confidence (centroids): every draft goes
