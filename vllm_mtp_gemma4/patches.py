@@ -7,6 +7,7 @@ why it exists. Bumping vLLM means re-reading each of these against the new sourc
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from contextlib import contextmanager
 from typing import Any
@@ -116,6 +117,54 @@ def _use_fused_runner() -> None:
     gpu_worker.Worker._make_model_runner = _make_model_runner
 
 
+def _ray_on_cpu() -> None:
+    """Ray as the distributed executor on CPU nodes, which vLLM 0.32 refuses ("current platform cpu does not
+    support ray": ``CpuPlatform.ray_device_key`` is empty).
+
+    - ``CpuPlatform.ray_device_key`` becomes the custom resource ``vllm_cpu``. Ray refuses ``"CPU"`` where
+      the executor puts the key (``resources={key: n}`` on each worker actor).
+    - ``ray_executor_v2.RayWorkerProc`` (the actor class, built by its module-level name) becomes
+      ``CPURayWorkerProc``, whose ``get_node_and_physical_gpu_ids`` does not look up accelerator ids.
+    - ``ray_executor_v2.initialize_ray_cluster`` first connects (or, with no cluster to join, starts a local
+      one with one ``vllm_cpu`` per core) and fails at once, naming the resource, when the cluster has fewer
+      units free than ranks; vLLM would wait ``PG_WAIT_TIMEOUT`` (30 min) for a placement group that cannot
+      form.
+    This is vLLM 0.32's default Ray executor (``RayExecutorV2``); the legacy one
+    (``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0``) is not covered.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.executor import ray_executor_v2
+
+    from vllm_mtp_gemma4.worker.ray_cpu import RAY_CPU_RESOURCE, CPURayWorkerProc
+
+    CpuPlatform.ray_device_key = RAY_CPU_RESOURCE
+    ray_executor_v2.RayWorkerProc = CPURayWorkerProc
+    original = ray_executor_v2.initialize_ray_cluster
+
+    def initialize_ray_cluster(parallel_config, ray_address: str | None = None, **kwargs: Any):
+        import ray
+
+        if not ray.is_initialized():
+            try:
+                ray.init(address=ray_address or "auto", runtime_env=parallel_config.ray_runtime_env)
+            except ConnectionError:  # no cluster to join: a local one, one rank per core at most
+                ray.init(runtime_env=parallel_config.ray_runtime_env,
+                         resources={RAY_CPU_RESOURCE: len(os.sched_getaffinity(0))})
+        free = ray.available_resources().get(RAY_CPU_RESOURCE, 0)
+        if parallel_config.world_size > free and parallel_config.placement_group is None:
+            raise ValueError(
+                f"Ray cluster has {free:g} free '{RAY_CPU_RESOURCE}' of the {parallel_config.world_size} that "
+                f"tensor_parallel_size x pipeline_parallel_size needs: start each CPU node with "
+                f"`ray start --resources '{{\"{RAY_CPU_RESOURCE}\": N}}'` (N ranks it may host), or use fewer ranks")
+        return original(parallel_config, ray_address, **kwargs)
+
+    ray_executor_v2.initialize_ray_cluster = initialize_ray_cluster
+
+
 @contextmanager
 def _spec_decode_allows_min_p_and_logit_bias():
     from vllm.sampling_params import SamplingParams
@@ -213,6 +262,7 @@ def apply() -> None:
     _resolve_speculative_config()
     _use_plugin_proposer()
     _use_fused_runner()
+    _ray_on_cpu()
     _validate_requests()
     _count_acceptance_by_phase()
     _one_line_config_errors()

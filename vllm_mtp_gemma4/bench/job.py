@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -205,14 +206,17 @@ def first_error(log: str) -> str:
     return match.group(0).strip() if match else "no exception in the log"
 
 
-def run_job(job: Job, timeout: float = 900) -> JobResult:
-    """Run ``job`` in a fresh Python process; raise ``RuntimeError`` with the log tail on failure."""
+def run_job(job: Job, timeout: float = 900, launcher: Sequence[str] = ()) -> JobResult:
+    """Run ``job`` in a fresh Python process; raise ``RuntimeError`` with the log tail on failure.
+
+    ``launcher`` prefixes the command (e.g. ``ip netns exec NAME`` to run it in a network namespace).
+    """
     env = _job_env(job.plugins, job.env, job.worker_counters)
     with tempfile.TemporaryDirectory(prefix="mtp-job-") as tmp:
         out, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
         with log.open("w") as log_file:
             proc = subprocess.run(
-                [sys.executable, "-m", "vllm_mtp_gemma4.bench.job", str(out)],
+                [*launcher, sys.executable, "-m", "vllm_mtp_gemma4.bench.job", str(out)],
                 input=json.dumps(asdict(job)), text=True, env=env, cwd=tmp,
                 stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout,
             )
