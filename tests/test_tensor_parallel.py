@@ -1,20 +1,33 @@
-"""Tensor parallelism with speculation on CPU workers (the ``mp`` backend): TP=2 gives TP=1's tokens.
+"""Tensor parallelism with speculation on CPU workers, ``mp`` and Ray backends: TP=2 gives TP=1's tokens.
 
 Each rank's runner verifies the whole batch itself, so every rank must draw the same tokens: the noise key of an
 unseeded request is a hash of its request id, never process-local randomness.
+
+The Ray tests start a real one-node cluster on loopback (``tests/ray_cluster.py``) with two ``vllm_cpu`` units,
+and check that nothing of it is left running afterwards.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import threading
+import time
+
 import pytest
 
-from vllm_mtp_gemma4.bench.job import Job, JobResult, run_job
+from vllm_mtp_gemma4.bench.job import Job, JobFailed, JobResult, first_error, run_job
+from vllm_mtp_gemma4.worker.ray_cpu import RAY_CPU_RESOURCE
 
 from .conftest import ENGINE, mtp_config
+from .ray_cluster import RayCluster
 
 pytestmark = pytest.mark.engine
 SPEC = {**mtp_config(3), "vllm_mtp_gemma4": {}}
 TP2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+TP2_RAY = {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
+FAULT_REPORT_S = 60  # a dead Ray worker must fail the engine within this
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank; vLLM's CPU TP needs an explicit binding
 
 
@@ -46,3 +59,81 @@ def test_tp2_greedy_is_token_identical_to_tp1(tp1, tp2, plain_greedy):
 
 def test_tp2_seeded_sampling_matches_tp1(tp1, tp2):
     assert tp2.token_ids[8:] == tp1.token_ids[8:]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = RayCluster({RAY_CPU_RESOURCE: 2})
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def tp2_ray(held_out_prompts, ray_cluster) -> JobResult:
+    prompts, sampling = _workload(held_out_prompts)
+    return run_job(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SPEC}, prompts=prompts, sampling=sampling,
+                       env={**TP2_ENV, **ray_cluster.env}, worker_counters=True),
+                   launcher=ray_cluster.launcher, timeout=600)
+
+
+def test_ray_tp2_greedy_is_token_identical_to_tp1(tp1, tp2_ray, plain_greedy):
+    assert "CPURayWorkerProc" in tp2_ray.log  # the workers were Ray actors, on this plugin's CPU actor class
+    assert tp2_ray.token_ids[:8] == tp1.token_ids[:8]
+    assert [t[:48] for t in plain_greedy.token_ids[:8]] == tp2_ray.token_ids[:8]
+    assert len(tp2_ray.worker_counters) == 2 and all(c["fused"] and c["steps"] > 0 for c in tp2_ray.worker_counters)
+    assert tp2_ray.spec.num_drafts > 0
+
+
+def test_ray_tp2_seeded_sampling_matches_tp1(tp1, tp2_ray):
+    assert tp2_ray.token_ids[8:] == tp1.token_ids[8:]
+
+
+def test_more_ranks_than_the_ray_cluster_holds_fails_fast(held_out_prompts, ray_cluster):
+    start = time.monotonic()
+    with pytest.raises(JobFailed) as failure:
+        run_job(Job(engine={**ENGINE, **TP2_RAY, "tensor_parallel_size": 4, "speculative_config": SPEC},
+                    prompts=held_out_prompts[:1], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0|1", **ray_cluster.env}),
+                launcher=ray_cluster.launcher, timeout=300)
+    assert f"Ray cluster has 2 free '{RAY_CPU_RESOURCE}' of the 4" in first_error(str(failure.value))
+    assert time.monotonic() - start < 120
+
+
+def test_killed_ray_worker_fails_the_engine_promptly(held_out_prompts, ray_cluster):
+    """SIGKILL one Ray worker mid-generation: the job ends with an error within FAULT_REPORT_S, nothing hangs."""
+    outcome: dict[str, object] = {}
+
+    def generate() -> None:
+        try:
+            run_job(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SPEC}, prompts=held_out_prompts * 2,
+                        sampling={"temperature": 0.0, "max_tokens": 1024, "ignore_eos": True},
+                        env={**TP2_ENV, **ray_cluster.env}),
+                    launcher=ray_cluster.launcher, timeout=600)
+            outcome["error"] = None
+        except JobFailed as e:
+            outcome["error"] = e.log
+        outcome["ended"] = time.monotonic()
+
+    job = threading.Thread(target=generate)
+    job.start()
+    deadline = time.monotonic() + 300
+    busy: list[int] = []
+    while not busy and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        busy = ray_cluster.processes("CPURayWorkerProc.run")
+    assert len(busy) == 2, "the Ray workers never reached their busy loop"
+    time.sleep(10)  # the engine is generating: 64 requests of 1,024 tokens take minutes here
+    assert job.is_alive()
+    os.kill(busy[-1], signal.SIGKILL)
+    killed = time.monotonic()
+    job.join(timeout=FAULT_REPORT_S + 30)
+    assert not job.is_alive(), "the engine hung after a Ray worker died"
+    assert outcome["error"] is not None
+    assert re.search(r"RayWorkerProc rank=\[[01]\] died unexpectedly", outcome["error"])  # vLLM names the dead rank
+    assert "EngineDeadError" in outcome["error"]
+    assert outcome["ended"] - killed < FAULT_REPORT_S
+    print(f"engine failed {outcome['ended'] - killed:.1f} s after the kill: {first_error(outcome['error'])}")
+
+
+def test_ray_cluster_leaves_nothing_running(ray_cluster):
+    ray_cluster.stop()
+    assert ray_cluster.processes() == []

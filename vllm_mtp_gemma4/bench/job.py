@@ -200,6 +200,14 @@ def _read_metrics(llm: Any) -> tuple[SpecMetrics, dict[str, float]]:
     return spec, flat
 
 
+class JobFailed(RuntimeError):
+    """An engine job exited with an error; ``log`` is its whole stdout and stderr."""
+
+    def __init__(self, message: str, log: str) -> None:
+        super().__init__(message)
+        self.log = log
+
+
 def first_error(log: str) -> str:
     """The first exception line in a log: the root cause, ahead of the wrappers that re-raise it."""
     match = re.search(r"\b\w+(?:Error|Exception): .+", log)
@@ -207,7 +215,7 @@ def first_error(log: str) -> str:
 
 
 def run_job(job: Job, timeout: float = 900, launcher: Sequence[str] = ()) -> JobResult:
-    """Run ``job`` in a fresh Python process; raise ``RuntimeError`` with the log tail on failure.
+    """Run ``job`` in a fresh Python process; raise ``JobFailed`` (its message ends with the log tail) on failure.
 
     ``launcher`` prefixes the command (e.g. ``ip netns exec NAME`` to run it in a network namespace).
     """
@@ -222,7 +230,7 @@ def run_job(job: Job, timeout: float = 900, launcher: Sequence[str] = ()) -> Job
             )
         text = log.read_text(errors="replace")
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"engine job failed (exit {proc.returncode}): {first_error(text)}\n{text[-6000:]}")
+            raise JobFailed(f"engine job failed (exit {proc.returncode}): {first_error(text)}\n{text[-6000:]}", text)
         data = json.loads(out.read_text())
     data["spec"] = SpecMetrics(**data["spec"])
     for key in ("logprobs", "prompt_logprobs"):  # JSON turned the token-id keys into strings
