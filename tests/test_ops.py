@@ -22,10 +22,12 @@ from vllm_mtp_gemma4.ops import (
     merged_offsets,
     next_tokens,
     process_logits,
+    reduce_top1,
     resolve,
     sample_from_probs,
     sampled_draft_verdict,
     sampled_verdict,
+    shard_top1,
     shift_for_draft,
     tail_indices,
     thinking_flags,
@@ -563,3 +565,32 @@ def test_calibration_moves_toward_outcomes_and_stays_bounded():
     for _ in range(200):
         value = update_calibration(value, 0.01, True)
     assert value == 16.0
+
+
+def _vocab_parallel_top1(logits: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``logits`` like a vocab-parallel head (equal padded shards), reduce, and combine in rank order."""
+    vocab = logits.shape[1]
+    shard = -(-vocab // tp)
+    stats = []
+    for rank in range(tp):
+        part = logits[:, rank * shard:(rank + 1) * shard]
+        padding = shard - part.shape[1]
+        stats.append(shard_top1(F.pad(part, (0, padding), value=1e4), rank * shard, padding))
+    return reduce_top1(torch.cat(stats, dim=-1))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3, 4])
+def test_vocab_parallel_top1_is_the_full_argmax_and_softmax_max(tp):
+    logits = torch.randn(64, 1001, generator=torch.Generator().manual_seed(tp)) * 4
+    token, prob = _vocab_parallel_top1(logits, tp)
+    assert torch.equal(token, logits.argmax(dim=-1))
+    torch.testing.assert_close(prob, logits.softmax(dim=-1).max(dim=-1).values)
+
+
+def test_vocab_parallel_top1_ties_go_to_the_first_token_across_shards():
+    logits = torch.zeros(3, 10)
+    logits[0, [3, 8]] = 5.0  # tie across the two shards
+    logits[1, [5, 6]] = 5.0  # tie inside the second shard
+    logits[2, [4, 5]] = 5.0  # tie across the boundary
+    token, _ = _vocab_parallel_top1(logits, 2)
+    assert token.tolist() == [3, 5, 4] == logits.argmax(dim=-1).tolist()

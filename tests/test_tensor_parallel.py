@@ -55,6 +55,23 @@ def test_tp2_greedy_is_token_identical_to_tp1(tp1, tp2, plain_greedy):
     assert [t[:48] for t in plain_greedy.token_ids[:8]] == tp2.token_ids[:8]
     assert len(tp2.worker_counters) == 2 and all(c["fused"] and c["steps"] > 0 for c in tp2.worker_counters)
     assert tp2.spec.num_drafts > 0
+    assert "draft argmax vocab-parallel local" in tp2.log and "draft argmax over full logits" in tp1.log
+
+
+def test_local_argmax_on_one_rank_with_a_dense_assistant(held_out_prompts, plain_greedy):
+    """``use_local_argmax_reduction`` with an assistant without centroids: upstream asserts, the plugin drafts."""
+    spec = {**SPEC, "use_local_argmax_reduction": True}
+    job = Job(engine={**ENGINE, "speculative_config": spec}, prompts=held_out_prompts[:8],
+              sampling={"temperature": 0.0, "max_tokens": 48})
+    result = run_job(job)
+    assert "draft argmax vocab-parallel local" in result.log
+    assert result.token_ids == [t[:48] for t in plain_greedy.token_ids[:8]]
+    assert result.spec.mean_acceptance_length > 1.5
+    upstream_spec = {k: v for k, v in spec.items() if k != "vllm_mtp_gemma4"}
+    with pytest.raises(JobFailed) as upstream:
+        run_job(Job(engine={**ENGINE, "speculative_config": upstream_spec}, prompts=held_out_prompts[:1],
+                    plugins=False))
+    assert "masked_embedding is not None" in upstream.value.log
 
 
 def test_tp2_seeded_sampling_matches_tp1(tp1, tp2):

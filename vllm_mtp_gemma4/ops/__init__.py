@@ -32,6 +32,7 @@ from .verify import (
     verify_sampled,
     verify_step,
 )
+from .vocab_parallel import reduce_top1, shard_top1
 
 __all__ = [
     "GREEDY_TEMPERATURE",
@@ -53,11 +54,13 @@ __all__ = [
     "merged_offsets",
     "next_tokens",
     "process_logits",
+    "reduce_top1",
     "relaxed_verdict",
     "resolve",
     "sample_from_probs",
     "sampled_draft_verdict",
     "sampled_verdict",
+    "shard_top1",
     "shift_for_draft",
     "tail_indices",
     "thinking_after",
