@@ -56,6 +56,7 @@ def test_tp2_greedy_is_token_identical_to_tp1(tp1, tp2, plain_greedy):
     assert len(tp2.worker_counters) == 2 and all(c["fused"] and c["steps"] > 0 for c in tp2.worker_counters)
     assert tp2.spec.num_drafts > 0
     assert "draft argmax vocab-parallel local" in tp2.log and "draft argmax over full logits" in tp1.log
+    assert "with vllm_mtp_gemma4.models.gemma4_mtp.Gemma4MTP on cpu" in tp2.log  # replicated pre/post projections
 
 
 def test_local_argmax_on_one_rank_with_a_dense_assistant(held_out_prompts, plain_greedy):

@@ -12,6 +12,7 @@ import os
 from vllm_mtp_gemma4 import __version__
 
 PLUGIN_NAME = "mtp_gemma4"
+DRAFT_ARCHITECTURE = "Gemma4MTPModel"
 _registered_pid: int | None = None
 
 
@@ -22,9 +23,13 @@ def register() -> None:
         return
     _registered_pid = os.getpid()
 
+    from vllm import ModelRegistry
+
     from vllm_mtp_gemma4 import patches
     from vllm_mtp_gemma4.log import get_logger
 
+    # The assistant architecture vLLM resolves ``gemma4_assistant`` checkpoints to, with replicated projections.
+    ModelRegistry.register_model(DRAFT_ARCHITECTURE, "vllm_mtp_gemma4.models.gemma4_mtp:Gemma4MTP")
     patches.apply()
     get_logger(__name__).info("vllm-mtp-gemma4 %s plugin loaded (pid %d)", __version__, os.getpid())
 

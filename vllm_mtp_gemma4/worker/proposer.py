@@ -53,8 +53,9 @@ class Gemma4MTPProposer(Gemma4Proposer):
             i: layer.self_attn.attn.kv_sharing_target_layer_name for i, layer in enumerate(self.model.model.layers)
         }
         logger.info(
-            "vllm-mtp-gemma4: Gemma4MTPProposer drafting K=%d on %s, centroid head %s, draft argmax %s, "
-            "draft layer -> target KV %s", self.num_speculative_tokens, self.device.type,
+            "vllm-mtp-gemma4: Gemma4MTPProposer drafting K=%d with %s on %s, centroid head %s, draft argmax %s, "
+            "draft layer -> target KV %s", self.num_speculative_tokens,
+            f"{type(self.model).__module__}.{type(self.model).__name__}", self.device.type,
             "on" if getattr(self.model, "masked_embedding", None) is not None else "off",
             "vocab-parallel local" if self._local_argmax else "over full logits", wiring,
         )
