@@ -1,6 +1,7 @@
 """The fused target-verify step on the real engine and fixture pair.
 
-- one device-to-host read per step (the runner's own count, read through ``LLM.collective_rpc``);
+- one device-to-host read per step, counted by intercepting every torch call of the step
+  (``worker/host_reads.py``), read through ``LLM.collective_rpc``;
 - sampled output is distributed like plain sampling (a two-sample chi-square over 20,000 continuations, with its
   power stated), and the same test rejects upstream vLLM's CPU sampler, the bug it is meant to catch;
 - a seeded request gives the same tokens whatever else is in its batch, wherever it sits, and when preempted or
@@ -19,6 +20,7 @@ from scipy import stats
 from transformers import AutoTokenizer
 
 from vllm_mtp_gemma4.bench.job import Job, JobResult, run_job
+from vllm_mtp_gemma4.worker.host_reads import COUNT_ENV
 
 from .conftest import ENGINE, TARGET, mtp_config
 from .test_greedy_matrix import MATRIX_ENGINE, SMALL_CACHE, matrix_workload
@@ -123,12 +125,22 @@ def _views(samples: list[tuple[int, ...]]) -> dict[str, list]:
             "tokens 1-2": [s[:2] for s in samples]}
 
 
-def test_one_host_read_per_fused_step(plugin_run):
-    (counters,) = plugin_run.worker_counters
-    assert counters["fused"] is True
-    assert counters["steps"] > 50
-    assert counters["host_reads"] == counters["steps"]
+@pytest.fixture(scope="module")
+def counted_run() -> JobResult:
+    """Greedy and sampled rows (top-k, top-p, min-p, seeds), adaptive K, partial prefills: every host read counted."""
+    spec = {**mtp_config(3), "vllm_mtp_gemma4": {"adaptive_k": True}}
+    sampling = [{"temperature": 0.0, "max_tokens": 32}, {"temperature": 0.8, "top_p": 0.9, "max_tokens": 32},
+                {"temperature": 1.0, "top_k": 20, "min_p": 0.05, "seed": 7, "max_tokens": 32}] * 4
+    return run_job(Job(engine={**ENGINE, "max_num_batched_tokens": 64, "max_num_seqs": 16, "speculative_config": spec},
+                       prompts=[*SHORT, *SHORT], sampling=sampling, env={COUNT_ENV: "1"}, worker_counters=True))
+
+
+def test_one_host_read_per_fused_step(counted_run, plugin_run):
+    (counters,) = counted_run.worker_counters
+    assert counters["fused"] is True and counters["steps"] > 20
+    assert counters["host_reads"] == {"to": counters["steps"]}  # the packed read, and nothing else
     assert all(seconds > 0 for seconds in counters["phase_seconds"].values())
+    assert plugin_run.worker_counters[0]["host_reads"] is None  # counting is off unless asked for
 
 
 def test_sampled_output_is_distributed_like_plain_sampling(plugin_run, plain_run):

@@ -1,9 +1,10 @@
 """The benchmark sweep: the methods compared, their prompts, and the interleaved order of timed passes.
 
-One engine per (method, K) stays alive while it is measured (``EngineWorker``); the plain engine,
-which has no K, lives through the whole sweep. Passes run with repeats outermost and methods
-innermost, so slow drifts of a shared machine hit every method alike, and every speculative pass
-has a plain pass of the same round, batch size and temperature to be divided by.
+One engine per (method, K) stays alive while it is measured (``EngineWorker``); the engines without
+speculation (plain decoding, and its variants) have no K and live through the whole sweep. Passes run
+with repeats outermost and methods innermost, so slow drifts of a shared machine hit every method
+alike, and every speculative pass has a plain pass of the same round, batch size and temperature to
+be divided by.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ class Method:
     speculative: bool  # drafts K tokens per step with the fixture's assistant
     # Merged into speculative_config, e.g. {"vllm_mtp_gemma4": {...}} for the plugin's own settings.
     speculative_extra: dict[str, Any] = field(default_factory=dict)
+    engine_extra: dict[str, Any] = field(default_factory=dict)  # merged into the LLM(...) arguments
+    env: dict[str, str] = field(default_factory=dict)  # the engine process's extra environment
+
+
+# Two ranks with the ``mp`` backend, one core each (vLLM's CPU TP needs an explicit core binding per rank).
+TP2 = {"engine_extra": {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
+       "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}
 
 
 METHODS: dict[str, Method] = {
@@ -40,6 +48,8 @@ METHODS: dict[str, Method] = {
     # K is the maximum: each request verifies 0..K drafts per step.
     "plugin-adaptive": Method(plugins=True, speculative=True,
                               speculative_extra={"vllm_mtp_gemma4": {"adaptive_k": True}}),
+    "plain-tp2": Method(plugins=False, speculative=False, **TP2),
+    "plugin-tp2": Method(plugins=True, speculative=True, **TP2),
 }
 BASELINE = "plain"
 REFERENCE = "upstream"  # what the plugin's variants are divided by
@@ -113,7 +123,7 @@ def engine_args(settings: Settings, method: Method, k: int | None) -> dict[str, 
     if method.speculative:
         engine["speculative_config"] = {"method": "mtp", "model": str(settings.fixture / "assistant"),
                                         "num_speculative_tokens": k, **method.speculative_extra}
-    return engine
+    return {**engine, **method.engine_extra}
 
 
 def sampling(temperature: float, max_tokens: int) -> dict[str, Any]:
@@ -125,7 +135,12 @@ def total_steps(settings: Settings) -> int:
     """Engine starts plus timed passes, for the progress bar."""
     speculative = sum(METHODS[m].speculative for m in settings.methods)
     passes = len(settings.ks) * settings.repeats * len(settings.temperatures) * len(settings.batches)
-    return 1 + speculative * len(settings.ks) + passes * len(settings.methods)
+    return len(_unspeculative(settings)) + speculative * len(settings.ks) + passes * len(settings.methods)
+
+
+def _unspeculative(settings: Settings) -> list[str]:
+    """The methods without K, started once for the whole sweep; plain decoding always, as every ratio's divisor."""
+    return [BASELINE] + [m for m in settings.methods if not METHODS[m].speculative and m != BASELINE]
 
 
 @dataclass
@@ -142,10 +157,11 @@ def run_sweep(settings: Settings, log_dir: Path, progress: tqdm) -> Sweep:
     log_dir.mkdir(parents=True, exist_ok=True)
     sweep = Sweep()
     with ExitStack() as whole:
-        plain = whole.enter_context(_start(settings, BASELINE, None, prompts, log_dir, sweep, progress))
+        unspeculative = {name: whole.enter_context(_start(settings, name, None, prompts, log_dir, sweep, progress))
+                         for name in _unspeculative(settings)}
         for k in settings.ks:
             with ExitStack() as group:
-                workers = {BASELINE: plain}
+                workers = dict(unspeculative)
                 for name in settings.methods:
                     if METHODS[name].speculative:
                         workers[name] = group.enter_context(
@@ -161,7 +177,7 @@ def _start(settings: Settings, name: str, k: int | None, prompts: list[list[int]
     method = METHODS[name]
     start = time.perf_counter()
     log_path = log_dir / (f"{name}-k{k}.log" if k else f"{name}.log")
-    with EngineWorker(engine_args(settings, method, k), log_path, plugins=method.plugins) as worker:
+    with EngineWorker(engine_args(settings, method, k), log_path, plugins=method.plugins, env=method.env) as worker:
         for temperature in settings.temperatures:  # untimed: first-call costs of each sampler and shape
             for batch in settings.batches:
                 worker.generate(prompts[:batch], sampling(temperature, WARMUP_TOKENS), batch)

@@ -19,8 +19,9 @@ scheduling; the fused path turns async scheduling off).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from vllm_mtp_gemma4.ops import (
     draft_threshold,
 )
 from vllm_mtp_gemma4.worker import STEP_PHASES
+from vllm_mtp_gemma4.worker.host_reads import HostReadCounter, counting_enabled
 from vllm_mtp_gemma4.worker.proposer import Gemma4MTPProposer
 from vllm_mtp_gemma4.worker.requests import RequestTracker
 from vllm_mtp_gemma4.worker.verifier import StepVerifier
@@ -60,7 +62,7 @@ class FusedStepMixin:
         self.fused = config is not None and config.fused and isinstance(getattr(self, "drafter", None),
                                                                         Gemma4MTPProposer)
         self.fused_steps = 0
-        self.host_reads = 0
+        self.host_reads: Counter[str] | None = Counter() if counting_enabled() else None
         self.phase_seconds = dict.fromkeys(STEP_PHASES, 0.0)
         if not self.fused:
             return
@@ -152,29 +154,15 @@ class FusedStepMixin:
         if grammar_output is not None:
             apply_grammar_bitmask(scheduler_output, grammar_output, self.input_batch, logits)
 
-        with self._phase("verify"):
-            sampler_output = self._sample(logits, spec_decode_metadata)
-        self._update_states_after_model_execute(sampler_output.sampled_token_ids, scheduler_output)
-        self._draft_probs = self._draft_prob_req_ids = None
-        self.valid_sampled_token_count_gpu = None
-        self.input_batch.prev_sampled_token_ids = None
-
-        drafts = None  # shift + K draft steps, on the device, from the device-side verification
-        adaptive = self.plugin_config.adaptive_k
+        counter = HostReadCounter() if self.host_reads is not None else nullcontext()
+        with counter:
+            sampled, sampler_output, next_drafts, chosen = self._verify_draft_read(
+                scheduler_output, logits, spec_decode_metadata, spec_decode_common_attn_metadata, hidden_states,
+                sample_hidden_states, aux_hidden_states, slot_mappings)
+        if self.host_reads is not None:
+            self.host_reads.update(counter.reads)
         req_ids = self.input_batch.req_ids
-        with self._phase("draft"):
-            if self._input_fits_in_drafter(spec_decode_common_attn_metadata):
-                if adaptive:  # vLLM hands the proposer this count as its number of draft steps
-                    scheduler_output.num_spec_tokens_to_schedule = self.tracker.draft_steps(
-                        req_ids, self.num_spec_tokens)
-                drafts = self.propose_draft_token_ids(
-                    scheduler_output, sampler_output.sampled_token_ids, self.input_batch.sampling_metadata,
-                    hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
-                    spec_decode_common_attn_metadata, slot_mappings,
-                )
-            choice = self._choose_num_drafts() if adaptive and drafts is not None else None
         with self._phase("host"):
-            sampled, next_drafts, chosen = self._read_step(sampler_output.sampled_token_ids, drafts, choice)
             if chosen is not None:
                 num_drafts = spec_decode_metadata.num_draft_tokens if spec_decode_metadata else [0] * len(req_ids)
                 self.tracker.observe_acceptance(req_ids, num_drafts, sampled)
@@ -202,6 +190,34 @@ class FusedStepMixin:
             num_nans_in_logits=num_nans_in_logits,
             cudagraph_stats=cudagraph_stats,
         )
+
+    def _verify_draft_read(self, scheduler_output, logits, spec_decode_metadata, spec_decode_common_attn_metadata,
+                           hidden_states, sample_hidden_states, aux_hidden_states, slot_mappings):
+        """Verification, shift and K draft steps on the device, then the step's one host read."""
+        with self._phase("verify"):
+            sampler_output = self._sample(logits, spec_decode_metadata)
+        self._update_states_after_model_execute(sampler_output.sampled_token_ids, scheduler_output)
+        self._draft_probs = self._draft_prob_req_ids = None
+        self.valid_sampled_token_count_gpu = None
+        self.input_batch.prev_sampled_token_ids = None
+
+        drafts = None  # shift + K draft steps, on the device, from the device-side verification
+        adaptive = self.plugin_config.adaptive_k
+        req_ids = self.input_batch.req_ids
+        with self._phase("draft"):
+            if self._input_fits_in_drafter(spec_decode_common_attn_metadata):
+                if adaptive:  # vLLM hands the proposer this count as its number of draft steps
+                    scheduler_output.num_spec_tokens_to_schedule = self.tracker.draft_steps(
+                        req_ids, self.num_spec_tokens)
+                drafts = self.propose_draft_token_ids(
+                    scheduler_output, sampler_output.sampled_token_ids, self.input_batch.sampling_metadata,
+                    hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                    spec_decode_common_attn_metadata, slot_mappings,
+                )
+            choice = self._choose_num_drafts() if adaptive and drafts is not None else None
+        with self._phase("host"):
+            sampled, next_drafts, chosen = self._read_step(sampler_output.sampled_token_ids, drafts, choice)
+        return sampled, sampler_output, next_drafts, chosen
 
     def _choose_num_drafts(self) -> Tensor | None:
         """[B, 1 + steps]: drafts to verify per request, then the chance ``q_l`` given to each, on the device."""
@@ -232,7 +248,6 @@ class FusedStepMixin:
             parts = [p.double() for p in parts] + [choice]
         host = torch.cat(parts, dim=1).to("cpu")
         self.fused_steps += 1
-        self.host_reads += 1
         end = width + drafts.shape[1]
         chosen = None
         if choice is not None:
@@ -246,7 +261,8 @@ def fused_step_counters(worker: Any) -> dict[str, Any]:
     return {
         "fused": bool(getattr(runner, "fused", False)),
         "steps": getattr(runner, "fused_steps", 0),
-        "host_reads": getattr(runner, "host_reads", 0),
+        # {kind: count} of the reads the fused steps made, with VLLM_MTP_GEMMA4_COUNT_HOST_READS=1; else None.
+        "host_reads": dict(reads) if (reads := getattr(runner, "host_reads", None)) is not None else None,
         "phase_seconds": dict(getattr(runner, "phase_seconds", {})),
         "calibration": runner.tracker.calibration if getattr(runner, "fused", False) else None,
     }
