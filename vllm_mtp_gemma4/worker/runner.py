@@ -44,7 +44,7 @@ from vllm_mtp_gemma4.ops import (
     draft_threshold,
 )
 from vllm_mtp_gemma4.worker import STEP_PHASES
-from vllm_mtp_gemma4.worker.host_reads import HostReadCounter, counting_enabled
+from vllm_mtp_gemma4.worker.host_reads import HostReadCounter, counting_enabled, device_tensors
 from vllm_mtp_gemma4.worker.proposer import Gemma4MTPProposer
 from vllm_mtp_gemma4.worker.requests import RequestTracker
 from vllm_mtp_gemma4.worker.verifier import StepVerifier
@@ -154,7 +154,9 @@ class FusedStepMixin:
         if grammar_output is not None:
             apply_grammar_bitmask(scheduler_output, grammar_output, self.input_batch, logits)
 
-        counter = HostReadCounter() if self.host_reads is not None else nullcontext()
+        counter = nullcontext() if self.host_reads is None else HostReadCounter(device_tensors(
+            logits, hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+            spec_decode_common_attn_metadata))
         with counter:
             sampled, sampler_output, next_drafts, chosen = self._verify_draft_read(
                 scheduler_output, logits, spec_decode_metadata, spec_decode_common_attn_metadata, hidden_states,
