@@ -20,7 +20,7 @@ import pytest
 from vllm_mtp_gemma4.bench.job import Job, JobFailed, JobResult, first_error, run_job
 from vllm_mtp_gemma4.worker.ray_cpu import RAY_CPU_RESOURCE
 
-from .conftest import ENGINE, mtp_config
+from .conftest import ASSISTANT_CENTROIDS, ENGINE, mtp_config
 from .ray_cluster import RayCluster
 
 pytestmark = pytest.mark.engine
@@ -57,6 +57,16 @@ def test_tp2_greedy_is_token_identical_to_tp1(tp1, tp2, plain_greedy):
     assert tp2.spec.num_drafts > 0
     assert "draft argmax vocab-parallel local" in tp2.log and "draft argmax over full logits" in tp1.log
     assert "with vllm_mtp_gemma4.models.gemma4_mtp.Gemma4MTP on cpu" in tp2.log  # replicated pre/post projections
+
+
+def test_tp2_centroid_assistant_with_local_argmax_is_token_identical(held_out_prompts, plain_greedy):
+    """The centroid-masked head under TP=2 with ``use_local_argmax_reduction``: the sparse argmax, same tokens."""
+    spec = {**mtp_config(3, ASSISTANT_CENTROIDS), "use_local_argmax_reduction": True, "vllm_mtp_gemma4": {}}
+    result = run_job(Job(engine={**ENGINE, **TP2, "speculative_config": spec}, prompts=held_out_prompts[:8],
+                         sampling={"temperature": 0.0, "max_tokens": 48}, env=TP2_ENV))
+    assert "centroid head on, draft argmax centroid-sparse" in result.log
+    assert result.token_ids == [t[:48] for t in plain_greedy.token_ids[:8]]
+    assert result.spec.mean_acceptance_length > 1.5
 
 
 def test_local_argmax_on_one_rank_with_a_dense_assistant(held_out_prompts, plain_greedy):

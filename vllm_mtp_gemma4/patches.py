@@ -7,6 +7,7 @@ why it exists. Bumping vLLM means re-reading each of these against the new sourc
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 from contextlib import contextmanager
@@ -134,7 +135,7 @@ def _ray_on_cpu() -> None:
     """
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
+    if not current_platform.is_cpu() or importlib.util.find_spec("ray") is None:  # ray is the `distributed` extra
         return
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.executor import ray_executor_v2

@@ -44,7 +44,8 @@ class Gemma4MTPProposer(Gemma4Proposer):
 
     def load_model(self, target_model: nn.Module) -> None:
         super().load_model(target_model)
-        dense_head = getattr(self.model, "masked_embedding", None) is None and not self.use_heterogeneous_vocab
+        centroids = getattr(self.model, "masked_embedding", None) is not None
+        dense_head = not centroids and not self.use_heterogeneous_vocab
         self._local_argmax = dense_head and (
             get_tensor_model_parallel_world_size() > 1 or self.use_local_argmax_reduction)
         if self._local_argmax:
@@ -56,8 +57,9 @@ class Gemma4MTPProposer(Gemma4Proposer):
             "vllm-mtp-gemma4: Gemma4MTPProposer drafting K=%d with %s on %s, centroid head %s, draft argmax %s, "
             "draft layer -> target KV %s", self.num_speculative_tokens,
             f"{type(self.model).__module__}.{type(self.model).__name__}", self.device.type,
-            "on" if getattr(self.model, "masked_embedding", None) is not None else "off",
-            "vocab-parallel local" if self._local_argmax else "over full logits", wiring,
+            "on" if centroids else "off",
+            "vocab-parallel local" if self._local_argmax else "centroid-sparse" if centroids else "over full logits",
+            wiring,
         )
 
     def _shard_suppress_bias(self) -> torch.Tensor | None:
