@@ -20,6 +20,10 @@ from pathlib import Path
 
 RAY_PORT = 6379
 START_TIMEOUT_S = 60
+# Runs a command as the first process of fresh PID, network and mount namespaces with only ``lo`` up: when it
+# exits, so does every process it started (a Ray instance included).
+ISOLATED = ["unshare", "--pid", "--net", "--mount-proc", "--fork", "--kill-child",
+            "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
 
 
 class RayCluster:
@@ -30,10 +34,9 @@ class RayCluster:
         ray = Path(sys.executable).with_name("ray")
         self.log_path = self._temp / "cluster.log"
         self._proc = subprocess.Popen(
-            ["unshare", "--pid", "--net", "--mount-proc", "--fork", "--kill-child",
-             "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
-             str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(RAY_PORT),
-             "--num-cpus", str(num_cpus), "--resources", json.dumps(resources), "--temp-dir", str(self._temp),
+            [*ISOLATED, str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", str(RAY_PORT), "--num-cpus", str(num_cpus), "--resources", json.dumps(resources),
+             "--temp-dir", str(self._temp),
              "--include-dashboard", "false", "--disable-usage-stats"],
             stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},

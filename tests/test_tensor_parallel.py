@@ -22,7 +22,7 @@ from vllm_mtp_gemma4.bench.job import Job, JobFailed, JobResult, first_error, ru
 from vllm_mtp_gemma4.worker.ray_cpu import RAY_CPU_RESOURCE
 
 from .conftest import ASSISTANT_CENTROIDS, ENGINE, mtp_config
-from .ray_cluster import RayCluster
+from .ray_cluster import ISOLATED, RayCluster
 
 pytestmark = pytest.mark.engine
 SPEC = {**mtp_config(3), "vllm_mtp_gemma4": {}}
@@ -127,6 +127,20 @@ def test_more_ranks_than_the_ray_cluster_holds_fails_fast(held_out_prompts, ray_
                 launcher=ray_cluster.launcher, timeout=300)
     assert f"Ray cluster has 2 free '{RAY_CPU_RESOURCE}' of the 4" in first_error(str(failure.value))
     assert time.monotonic() - start < 120
+
+
+def test_without_a_cluster_a_local_one_gets_a_unit_per_core(held_out_prompts, ray_cluster):
+    """No cluster to join: the engine starts a local Ray instance with one ``vllm_cpu`` per core (here too few)."""
+    cores = len(os.sched_getaffinity(0))
+    if cores >= 4:
+        pytest.skip(f"{cores} cores hold TP=4")
+    with pytest.raises(JobFailed) as failure:
+        run_job(Job(engine={**ENGINE, **TP2_RAY, "tensor_parallel_size": 4, "speculative_config": SPEC},
+                    prompts=held_out_prompts[:1], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0|1", "RAY_ADDRESS": "",
+                                                        "RAY_AUTH_MODE": "disabled"}),
+                launcher=ISOLATED, timeout=300)
+    assert "Started a local Ray instance" in failure.value.log
+    assert f"Ray cluster has {cores} free '{RAY_CPU_RESOURCE}' of the 4" in first_error(failure.value.log)
 
 
 def test_killed_ray_worker_fails_the_engine_promptly(held_out_prompts, ray_cluster):
