@@ -46,10 +46,8 @@ class Gemma4MTPProposer(Gemma4Proposer):
         super().load_model(target_model)
         centroids = getattr(self.model, "masked_embedding", None) is not None
         dense_head = not centroids and not self.use_heterogeneous_vocab
-        # Adaptive K takes its confidence from the same reduction (one pass, no full softmax) on one rank too.
         self._local_argmax = dense_head and (
-            get_tensor_model_parallel_world_size() > 1 or self.use_local_argmax_reduction
-            or self.plugin_config.adaptive_k)
+            get_tensor_model_parallel_world_size() > 1 or self.use_local_argmax_reduction)
         if self._local_argmax:
             self._suppress_bias = self._shard_suppress_bias()
         wiring = {
@@ -98,4 +96,10 @@ class Gemma4MTPProposer(Gemma4Proposer):
             if self.plugin_config.adaptive_k:
                 self._confidence.append(top1)
             return token
-        return super()._greedy_sample(hidden_states)  # the centroid head has no confidence: adaptive K keeps K
+        # The centroid head never builds full logits: it gets no confidence.
+        if not self.plugin_config.adaptive_k or self._centroids_sizes or self.use_heterogeneous_vocab \
+                or getattr(self.model, "masked_embedding", None) is not None:
+            return super()._greedy_sample(hidden_states)
+        top = self.model.compute_logits(hidden_states).float().softmax(dim=-1).max(dim=-1)
+        self._confidence.append(top.values)
+        return top.indices
