@@ -57,7 +57,7 @@ def test_tp2_greedy_is_token_identical_to_tp1(tp1, tp2, plain_greedy):
     assert len(tp2.worker_counters) == 2 and all(c["fused"] and c["steps"] > 0 for c in tp2.worker_counters)
     assert tp2.spec.num_drafts > 0
     assert "draft argmax vocab-parallel local" in tp2.log and "draft argmax over full logits" in tp1.log
-    assert "with vllm_mtp_gemma4.models.gemma4_mtp.Gemma4MTP on cpu" in tp2.log  # replicated pre/post projections
+    assert "with vllm_mtp_gemma4.models.gemma4_mtp.Gemma4MTP on cpu, projections replicated" in tp2.log
 
 
 def test_tp2_centroid_assistant_with_local_argmax_is_token_identical(held_out_prompts, plain_greedy):
@@ -90,10 +90,14 @@ def test_tp2_seeded_sampling_matches_tp1(tp1, tp2):
     assert tp2.token_ids[8:] == tp1.token_ids[8:]
 
 
+def _require_namespaces() -> None:
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("unshare", "nsenter", "ip")):
+        pytest.skip("the Ray tests run in their own network and PID namespaces: need root, unshare, nsenter, ip")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
-    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("unshare", "nsenter", "ip")):
-        pytest.skip("the Ray cluster runs in its own network and PID namespaces: needs root, unshare, nsenter, ip")
+    _require_namespaces()
     cluster = RayCluster({RAY_CPU_RESOURCE: 2})
     yield cluster
     cluster.stop()
@@ -129,8 +133,9 @@ def test_more_ranks_than_the_ray_cluster_holds_fails_fast(held_out_prompts, ray_
     assert time.monotonic() - start < 120
 
 
-def test_without_a_cluster_a_local_one_gets_a_unit_per_core(held_out_prompts, ray_cluster):
+def test_without_a_cluster_a_local_one_gets_a_unit_per_core(held_out_prompts):
     """No cluster to join: the engine starts a local Ray instance with one ``vllm_cpu`` per core (here too few)."""
+    _require_namespaces()
     cores = len(os.sched_getaffinity(0))
     if cores >= 4:
         pytest.skip(f"{cores} cores hold TP=4")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
+from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.v1.spec_decode.gemma4 import Gemma4Proposer
 
 from vllm_mtp_gemma4.config import SECTION, PluginConfig
@@ -40,23 +41,26 @@ class Gemma4MTPProposer(Gemma4Proposer):
         self.last_confidence: torch.Tensor | None = None
         self._confidence: list[torch.Tensor] = []
         self._local_argmax = False
+        self._tp_size = 1
         self._suppress_bias: torch.Tensor | None = None
 
     def load_model(self, target_model: nn.Module) -> None:
         super().load_model(target_model)
         centroids = getattr(self.model, "masked_embedding", None) is not None
         dense_head = not centroids and not self.use_heterogeneous_vocab
-        self._local_argmax = dense_head and (
-            get_tensor_model_parallel_world_size() > 1 or self.use_local_argmax_reduction)
+        self._tp_size = get_tensor_model_parallel_world_size()
+        self._local_argmax = dense_head and (self._tp_size > 1 or self.use_local_argmax_reduction)
         if self._local_argmax:
             self._suppress_bias = self._shard_suppress_bias()
         wiring = {
             i: layer.self_attn.attn.kv_sharing_target_layer_name for i, layer in enumerate(self.model.model.layers)
         }
         logger.info(
-            "vllm-mtp-gemma4: Gemma4MTPProposer drafting K=%d with %s on %s, centroid head %s, draft argmax %s, "
-            "draft layer -> target KV %s", self.num_speculative_tokens,
+            "vllm-mtp-gemma4: Gemma4MTPProposer drafting K=%d with %s on %s, projections %s, centroid head %s, "
+            "draft argmax %s, draft layer -> target KV %s", self.num_speculative_tokens,
             f"{type(self.model).__module__}.{type(self.model).__name__}", self.device.type,
+            "replicated" if isinstance(self.model.model.pre_projection, ReplicatedLinear)
+            and isinstance(self.model.model.post_projection, ReplicatedLinear) else "sharded",
             "on" if centroids else "off",
             "vocab-parallel local" if self._local_argmax else "centroid-sparse" if centroids else "over full logits",
             wiring,
@@ -90,7 +94,7 @@ class Gemma4MTPProposer(Gemma4Proposer):
             shard_logits = self.model.logits_processor(head, hidden_states, self._suppress_bias, skip_gather=True)
             stats = shard_top1(shard_logits, head.shard_indices.org_vocab_start_index,
                                head.shard_indices.num_org_vocab_padding)
-            if get_tensor_model_parallel_world_size() > 1:
+            if self._tp_size > 1:
                 stats = tensor_model_parallel_all_gather(stats, dim=-1)
             token, top1 = reduce_top1(stats)
             if self.plugin_config.adaptive_k:
