@@ -20,7 +20,7 @@ from scipy import stats
 from transformers import AutoTokenizer
 
 from vllm_mtp_gemma4.bench.job import Job, JobResult, run_job
-from vllm_mtp_gemma4.worker.host_reads import COUNT_ENV
+from vllm_mtp_gemma4.worker.v1.host_reads import COUNT_ENV
 
 from .conftest import ENGINE, TARGET, mtp_config
 from .test_greedy_matrix import MATRIX_ENGINE, SMALL_CACHE, matrix_workload

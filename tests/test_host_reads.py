@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_mtp_gemma4.worker.host_reads import HostReadCounter, device_tensors
+from vllm_mtp_gemma4.worker.v1.host_reads import HostReadCounter, device_tensors
 
 
 @dataclass

@@ -10,12 +10,14 @@ from scipy import stats
 from vllm_mtp_gemma4.ops import (
     RelaxedInputs,
     SamplingTensors,
+    Verdict,
     Verification,
     accepted_rows,
     choose_num_drafts,
     draft_chances,
     draft_survival,
     draft_threshold,
+    force_tokens,
     gather_at,
     greedy_verdict,
     merge_drafts,
@@ -23,6 +25,7 @@ from vllm_mtp_gemma4.ops import (
     next_tokens,
     process_logits,
     reduce_top1,
+    relaxed_verdict,
     resolve,
     sample_from_probs,
     sampled_draft_verdict,
@@ -30,11 +33,13 @@ from vllm_mtp_gemma4.ops import (
     shard_top1,
     shift_for_draft,
     tail_indices,
+    thinking_after,
+    thinking_at_lengths,
     thinking_flags,
+    thinking_flags_ragged,
     uniform_noise,
     update_calibration,
     verify_greedy,
-    verify_relaxed,
     verify_sampled,
     verify_step,
 )
@@ -253,7 +258,7 @@ def test_greedy_rows_of_the_fused_step_match_greedy_verification():
                          torch.randint(0, 10, (64, 3), generator=gen))
     num_drafts = torch.randint(0, 4, (64,), generator=gen)
     relaxed = RelaxedInputs(torch.ones(64, 3, dtype=torch.bool), torch.zeros(64, dtype=torch.bool), t([10] * 64),
-                            t([1.0] * 64))
+                            t([1.0] * 64), NO_IDS)
     step = verify_step(logits, drafts, num_drafts, sampling(64, temperature=0.0, top_k=3, top_p=0.5),
                        torch.arange(4).expand(64, 4), relaxed)
     greedy = verify_greedy(logits, drafts, num_drafts)
@@ -348,10 +353,12 @@ def test_fused_step_rows_do_not_depend_on_the_batch():
                  top_p=t([0.9, 1.0, 1.0, 0.8, 0.95]), seed=t([11, 22, 33, 44, 55]))
     args = (t([3, 2, 3, 1, 3]), s, torch.arange(50, 54).expand(5, 4) + 10 * torch.arange(5)[:, None],
             RelaxedInputs(torch.rand(5, 3, generator=gen) < 0.5, t([True, True, False, True, False]),
-                          t([3, 2, 1, 4, 2]), t([0.3, 0.1, 0.5, 0.2, 0.4])))
+                          t([3, 2, 1, 4, 2]), t([0.3, 0.1, 0.5, 0.2, 0.4]), NO_IDS))
 
     def step(rows):
-        picked = [x[rows] if isinstance(x, torch.Tensor) else type(x)(*(f[rows] for f in x)) for x in args]
+        picked = [x[rows] if isinstance(x, torch.Tensor)
+                  else x._replace(**{k: v[rows] for k, v in x._asdict().items() if k != "strict_ids" and v is not None})
+                  for x in args]
         result = verify_step(logits[rows], drafts[rows], *picked)
         return result.num_accepted, next_tokens(result)
 
@@ -362,6 +369,12 @@ def test_fused_step_rows_do_not_depend_on_the_batch():
 
 
 # ---------------------------------------------------------------- relaxed acceptance
+
+NO_IDS = torch.tensor([], dtype=torch.long)
+
+
+def verify_relaxed(logits, drafts, num_drafts, flags, top_n, delta, strict, strict_ids=NO_IDS):
+    return resolve(relaxed_verdict(logits, drafts, num_drafts, flags, top_n, delta, strict, strict_ids), num_drafts)
 
 
 def relaxed(probs: list[float], draft: int, top_n: int, delta: float) -> tuple[int, int]:
@@ -434,6 +447,67 @@ def test_relaxed_bonus_after_a_short_row_is_the_strict_draw():
     assert next_tokens(result).tolist() == [2]  # slot 2 is past the row's drafts: no relaxed judgement there
 
 
+def test_relaxed_keeps_what_the_strict_rule_accepts():
+    """Strict OR relaxed: a sampled draw that matched a draft outside the top-N still accepts it."""
+    logits = torch.log(t([P5] * 2))[None]
+    drafts = t([[4]])
+    strict = Verdict(t([[True]]), t([[4, 0]]))
+    assert verify_relaxed(logits, drafts, t([1]), t([[True]]), t([2]), t([0.05]), strict).num_accepted.tolist() == [1]
+
+
+def test_relaxed_rejection_emits_the_strict_draw_of_a_sampled_row():
+    logits = torch.log(t([P5] * 2))[None]
+    drafts = t([[3]])  # fourth: relaxed with N=2 rejects it
+    strict = Verdict(t([[False]]), t([[2, 0]]))  # as if the row drew 2
+    result = verify_relaxed(logits, drafts, t([1]), t([[True]]), t([2]), t([1.0]), strict)
+    assert (result.num_accepted.item(), next_tokens(result).item()) == (0, 2)
+
+
+def test_markers_and_eos_pass_only_strictly():
+    logits = torch.log(t([[0.4, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.3]] * 2).clamp(min=1e-9))[None]
+    strict = greedy_verdict(logits, t([[CLOSE]]))
+    for draft, strict_ids, want in ((CLOSE, [CLOSE], 0), (CLOSE, [], 1), (OPEN, [CLOSE], 1)):
+        drafts = t([[draft]])
+        got = verify_relaxed(logits, drafts, t([1]), t([[True]]), t([3]), t([0.2]), greedy_verdict(logits, drafts),
+                             torch.tensor(strict_ids, dtype=torch.long))
+        assert got.num_accepted.item() == want, (draft, strict_ids)
+    assert strict.accept.tolist() == [[False]]
+
+
+def test_relaxed_never_accepts_a_masked_token():
+    logits = torch.log(t([[0.5, 0.5, 0.0]] * 2))[None]  # token 2 masked (-inf), e.g. by a grammar
+    drafts = t([[2]])
+    got = verify_relaxed(logits, drafts, t([1]), t([[True]]), t([3]), t([1.0]), greedy_verdict(logits, drafts))
+    assert got.num_accepted.item() == 0
+
+
+def test_force_tokens_makes_the_token_certain_and_leaves_other_rows():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 50, generator=gen) * 5
+    before = logits.clone()
+    force_tokens(logits, t([True, False, True, True]), t([7, 8, 9, 10]))
+    assert logits.argmax(-1).tolist()[::2] == [7, 9] and logits[3].argmax().item() == 10
+    assert torch.equal(logits[1], before[1])
+    for temperature in (0.5, 1.0, 4.0):
+        assert (logits[[0, 2, 3]] / temperature).softmax(-1).amax(-1).min().item() == 1.0
+
+
+def test_thinking_state_of_a_prefix_and_of_ragged_rows_match_the_host_walk():
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 9, (40, 12), generator=gen)
+    lengths = torch.randint(0, 13, (40,), generator=gen)
+    got = thinking_at_lengths(tokens, lengths, OPEN, CLOSE)
+    assert got.tolist() == [thinking_after(False, r[:n].tolist(), OPEN, CLOSE) for r, n in zip(tokens, lengths)]
+    # Three sequences of 4, 1 and 5 rows, back to back, with their own start states.
+    flat = torch.randint(0, 9, (10,), generator=gen)
+    first = t([0] * 4 + [4] + [5] * 5)
+    start = t([True] * 4 + [False] + [True] * 5)
+    got = thinking_flags_ragged(start, flat, first, OPEN, CLOSE)
+    want = [thinking_after(bool(start[n]), flat[first[n]:n + 1].tolist(), OPEN, CLOSE) for n in range(10)]
+    assert got.tolist() == want
+    assert any(want) and not all(want)
+
+
 def block_logits(rows: int) -> torch.Tensor:
     """V=8, K=3. Position 0 prefers OPEN (or CLOSE), positions 1-2 prefer token 4 with 2 and 3 close behind."""
     near = torch.log(t([0.02, 0.02, 0.25, 0.2, 0.45, 0.02, 0.02, 0.02]))
@@ -473,7 +547,7 @@ def test_fused_step_relaxes_only_the_rows_it_is_told_to():
     flags = thinking_flags(t([False] * 3), torch.cat([t([[1]] * 3), drafts[:, :2]], 1), OPEN, CLOSE)
     result = verify_step(logits, drafts, t([3, 3, 3]), sampling(3, temperature=t([1.0, 0.0, 0.0])),
                          torch.arange(4).expand(3, 4), RelaxedInputs(flags, t([True, False, True]), t([3, 3, 3]),
-                                                                     t([0.3] * 3)))
+                                                                     t([0.3] * 3), NO_IDS))
     # Row 1 is greedy and not opted in: strict. Row 2 is greedy and opted in: relaxed, like the sampled row 0.
     assert result.num_accepted.tolist() == [3, 1, 3]
     assert next_tokens(result).tolist() == [5, 4, 5]
@@ -511,7 +585,7 @@ def test_ops_trace_as_single_graphs():
     drafts = torch.randint(0, 10, (3, 3))
     args = (drafts, t([3, 1, 0]), sampling(3, temperature=t([0.0, 0.8, 1.0]), top_k=t([0, 4, 2])),
             torch.arange(4).expand(3, 4),
-            RelaxedInputs(torch.ones(3, 3, dtype=torch.bool), t([True] * 3), t([2, 2, 2]), t([0.3, 0.3, 0.3])))
+            RelaxedInputs(torch.ones(3, 3, dtype=torch.bool), t([True] * 3), t([2, 2, 2]), t([0.3, 0.3, 0.3]), NO_IDS))
 
     def step(logits, *args):
         result = verify_step(logits, *args)

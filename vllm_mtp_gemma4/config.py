@@ -11,7 +11,7 @@ line naming the file, key or field and what is allowed.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ RELAXED_KEYS = {"relaxed_acceptance": "enabled", "relaxed_topk": "topk", "relaxe
 class PluginConfig:
     """The plugin's section of ``mtp.json``. Every key is documented in the README."""
 
-    fused: bool = True
+    fused: bool | None = None  # None: the runner's default (V1: the plugin's fused step; V2: V2's own step)
     relaxed_acceptance: bool = False
     relaxed_topk: int = 10
     relaxed_delta: float = 0.6
@@ -63,7 +63,7 @@ class PluginConfig:
             if key not in known:
                 raise MTPConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(known))})")
         for flag in ("fused", "adaptive_k"):
-            if not isinstance(section.get(flag, False), bool):
+            if not isinstance(section.get(flag, False), bool | None):
                 raise MTPConfigError(f"{where}.{flag}: must be true or false, got {section[flag]!r}")
         threshold = section.get("adaptive_threshold", 0.3)
         if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
@@ -71,12 +71,28 @@ class PluginConfig:
         scale = section.get("adaptive_batch_scale", 16)
         if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
             raise MTPConfigError(f"{where}.adaptive_batch_scale: must be an integer >= 1, got {scale!r}")
-        config = cls(**section)
         check_relaxed_options(section, where)
+        return cls(**section)
+
+    def for_runner(self, runner: str) -> PluginConfig:
+        """This config as ``runner`` ("V1" or "V2") runs it, ``fused`` resolved; a one-line error for a setting that
+        runner cannot honour."""
+        if runner == "V2":
+            if self.fused:
+                raise MTPConfigError(
+                    f"{SECTION}.fused: the plugin's fused step runs on Model Runner V1 only, and this engine runs V2 "
+                    f"(vLLM's default on CUDA), whose own step verifies and drafts on the device; remove the key, or "
+                    f"set VLLM_USE_V2_MODEL_RUNNER=0 for V1")
+            if self.adaptive_k:
+                raise MTPConfigError(
+                    f"{SECTION}.adaptive_k: not available on Model Runner V2, which this engine runs; use vLLM's own "
+                    f"\"enable_adaptive_verification\": true in the speculative config, or VLLM_USE_V2_MODEL_RUNNER=0")
+            return replace(self, fused=False)
+        fused = self.fused is not False
         for feature in ("relaxed_acceptance", "adaptive_k"):
-            if getattr(config, feature) and not config.fused:
-                raise MTPConfigError(f"{where}.{feature}: needs the fused step (\"fused\": true)")
-        return config
+            if getattr(self, feature) and not fused:
+                raise MTPConfigError(f"{SECTION}.{feature}: needs the fused step on Model Runner V1 (\"fused\": true)")
+        return replace(self, fused=fused)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,12 +138,13 @@ def request_options(extra_args: dict[str, Any] | None) -> dict[str, Any]:
     return options
 
 
-def check_request_options(extra_args: dict[str, Any] | None, config: PluginConfig) -> None:
+def check_request_options(extra_args: dict[str, Any] | None, relaxed_available: bool) -> None:
     """Validate a request's plugin keys in ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP)."""
     options = request_options(extra_args)
     check_relaxed_options(options, "vllm_xargs")
-    if options.get("relaxed_acceptance") and not config.fused:
-        raise MTPConfigError("vllm_xargs.relaxed_acceptance: this server runs without the fused step (fused: false)")
+    if options.get("relaxed_acceptance") and not relaxed_available:
+        raise MTPConfigError("vllm_xargs.relaxed_acceptance: this server runs Model Runner V1 without the fused step "
+                             "(fused: false)")
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -259,6 +276,14 @@ def thinking_marker_ids(tokenizer: Any) -> tuple[int | None, int | None]:
     """Ids of Gemma 4's thinking markers in ``tokenizer`` (None where it lacks them)."""
     vocab = tokenizer.get_vocab()
     return vocab.get(THINKING_OPEN), vocab.get(THINKING_CLOSE)
+
+
+def strict_token_ids(tokenizer: Any, eos_token_id: int | list[int] | None) -> list[int]:
+    """Ids that relaxed acceptance never accepts (only the strict rule does): the closing thinking marker, the
+    tokenizer's EOS and the model's ``eos_token_id`` (an int or a list)."""
+    eos = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+    ids = {thinking_marker_ids(tokenizer)[1], tokenizer.eos_token_id, *eos}
+    return sorted(i for i in ids if i is not None)
 
 
 def check_draft_parallelism(spec: dict[str, Any], tensor_parallel_size: int) -> None:

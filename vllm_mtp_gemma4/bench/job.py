@@ -153,7 +153,7 @@ def run_in_process(job: Job) -> JobResult:
     spec, flat = _read_metrics(llm)
     counters = []
     if job.worker_counters:
-        from vllm_mtp_gemma4.worker.runner import fused_step_counters
+        from vllm_mtp_gemma4.worker.v1.runner import fused_step_counters
 
         counters = llm.collective_rpc(fused_step_counters)
     return JobResult(
@@ -353,7 +353,7 @@ def _fused_counters(llm: Any) -> dict[str, Any] | None:
     """The fused runner's counters (first worker), or None without the plugin or with ``fused: false``."""
     if os.environ.get("VLLM_PLUGINS") == PLUGINS_OFF:
         return None
-    from vllm_mtp_gemma4.worker.runner import fused_step_counters
+    from vllm_mtp_gemma4.worker.v1.runner import fused_step_counters
 
     counters = llm.collective_rpc(fused_step_counters)[0]
     return counters if counters["fused"] else None

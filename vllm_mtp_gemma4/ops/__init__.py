@@ -5,6 +5,7 @@ Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 
 from .adaptive import choose_num_drafts, draft_chances, draft_survival, draft_threshold, update_calibration
 from .merge import head_indices, merge_drafts, merged_offsets, tail_indices
+from .relaxed import force_tokens, relaxed_accepts, strict_only
 from .sampling import (
     GREEDY_TEMPERATURE,
     SamplingTensors,
@@ -14,7 +15,7 @@ from .sampling import (
     uniform_noise,
 )
 from .shift import gather_at, shift_for_draft
-from .thinking import thinking_after, thinking_flags
+from .thinking import thinking_after, thinking_at_lengths, thinking_flags, thinking_flags_ragged
 from .verify import (
     PLACEHOLDER,
     RelaxedInputs,
@@ -28,13 +29,17 @@ from .verify import (
     sampled_draft_verdict,
     sampled_verdict,
     verify_greedy,
-    verify_relaxed,
     verify_sampled,
     verify_step,
 )
 from .vocab_parallel import reduce_top1, shard_top1
 
 __all__ = [
+    "thinking_flags_ragged",
+    "thinking_at_lengths",
+    "strict_only",
+    "relaxed_accepts",
+    "force_tokens",
     "GREEDY_TEMPERATURE",
     "PLACEHOLDER",
     "RelaxedInputs",
@@ -68,7 +73,6 @@ __all__ = [
     "uniform_noise",
     "update_calibration",
     "verify_greedy",
-    "verify_relaxed",
     "verify_sampled",
     "verify_step",
 ]

@@ -31,3 +31,22 @@ def thinking_after(start: bool, tokens: Sequence[int], open_id: int, close_id: i
         if token == close_id:
             return False
     return start
+
+
+def thinking_at_lengths(token_ids: Tensor, lengths: Tensor, open_id: int, close_id: int) -> Tensor:
+    """[R] bool: the state after ``token_ids[r, :lengths[r]]`` (committed ids, from a closed start)."""
+    pos = torch.arange(token_ids.shape[1], device=token_ids.device)
+    is_marker = ((token_ids == open_id) | (token_ids == close_id)) & (pos < lengths[:, None])
+    last = torch.where(is_marker, pos, -1).amax(dim=1)
+    return (last >= 0) & (token_ids.gather(1, last.clamp(min=0)[:, None]).squeeze(1) == open_id)
+
+
+def thinking_flags_ragged(start_state: Tensor, tokens: Tensor, first_row: Tensor, open_id: int,
+                          close_id: int) -> Tensor:
+    """[N] bool, rows of several sequences back to back: the state right after ``tokens[n]``, given the markers in
+    ``tokens[first_row[n]..n]`` (its own sequence's rows so far) and ``start_state[n]`` before its first row."""
+    row = torch.arange(tokens.shape[0], device=tokens.device)
+    is_marker = (tokens == open_id) | (tokens == close_id)
+    last = torch.where(is_marker, row, -1).cummax(dim=0).values
+    opened = tokens[last.clamp(min=0)] == open_id
+    return torch.where(last >= first_row, opened, start_state)

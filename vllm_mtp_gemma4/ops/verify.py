@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .relaxed import relaxed_accepts, strict_only
 from .sampling import SamplingTensors, process_logits, sample_from_probs, uniform_noise
 
 
@@ -73,25 +74,15 @@ def relaxed_verdict(
     top_n: Tensor,
     delta: Tensor,
     strict: Verdict,
+    strict_ids: Tensor,
 ) -> Verdict:
-    """Relaxed acceptance at flagged positions (in_thinking[B, K]), the strict verdict elsewhere.
-
-    At a flagged position d is accepted iff fewer than top_n[B] tokens have a strictly higher logit (a tie at the
-    N-th place is in) and p(d) >= p_top1 - delta[B], with p the softmax of the raw logits (no temperature, no
-    truncation). A rejection emits the top-1 (first index on ties). Not lossless: meant for thinking text only.
-    The position after a row's last draft has no draft to judge, so it keeps the strict emit (the bonus draw).
-    """
-    logits = target_logits[:, :-1].float()
-    draft_logit = logits.gather(-1, drafts[..., None])
-    rank = (logits > draft_logit).sum(-1)
-    probs = logits.softmax(-1)
-    p_draft = probs.gather(-1, drafts[..., None]).squeeze(-1)
-    accept = (rank < top_n[:, None]) & (p_draft >= probs.amax(-1) - delta[:, None])
+    """At flagged positions (in_thinking[B, K]) accept what ``strict`` accepts or the relaxed rule does
+    (``relaxed.relaxed_accepts``; ``strict_ids`` only strictly); elsewhere ``strict``. The emitted tokens stay the
+    strict rule's. Not lossless: meant for thinking text only."""
     has_draft = torch.arange(drafts.shape[1], device=drafts.device) < num_drafts[:, None]
-    flagged = in_thinking & has_draft
-    top1 = target_logits.argmax(-1)
-    emit = torch.cat([torch.where(flagged, top1[:, :-1], strict.emit[:, :-1]), strict.emit[:, -1:]], dim=1)
-    return Verdict(torch.where(flagged, accept, strict.accept), emit)
+    flagged = in_thinking & has_draft & ~strict_only(drafts, strict_ids)
+    relaxed = relaxed_accepts(target_logits[:, :-1], drafts, top_n[:, None], delta[:, None])
+    return Verdict(strict.accept | (flagged & relaxed), strict.emit)
 
 
 def resolve(verdict: Verdict, num_drafts: Tensor) -> Verification:
@@ -116,19 +107,6 @@ def verify_greedy(target_logits: Tensor, drafts: Tensor, num_drafts: Tensor) -> 
 def verify_sampled(target_probs: Tensor, drafts: Tensor, num_drafts: Tensor, uniforms: Tensor) -> Verification:
     """Sampled rows with point-mass drafts: see ``sampled_verdict``."""
     return resolve(sampled_verdict(target_probs, drafts, uniforms), num_drafts)
-
-
-def verify_relaxed(
-    target_logits: Tensor,
-    drafts: Tensor,
-    num_drafts: Tensor,
-    in_thinking: Tensor,
-    top_n: Tensor,
-    delta: Tensor,
-    strict: Verdict,
-) -> Verification:
-    """Relaxed acceptance at flagged positions, ``strict`` elsewhere: see ``relaxed_verdict``."""
-    return resolve(relaxed_verdict(target_logits, drafts, num_drafts, in_thinking, top_n, delta, strict), num_drafts)
 
 
 def accepted_rows(drafts: Tensor, verification: Verification) -> Tensor:
@@ -166,7 +144,8 @@ def verify_step(
     verdict = sampled_verdict(probs, drafts, uniform_noise(sampling.seed, positions))
     if relaxed is not None:
         flagged = relaxed.in_thinking & relaxed.rows[:, None]
-        verdict = relaxed_verdict(target_logits, drafts, num_drafts, flagged, relaxed.top_n, relaxed.delta, verdict)
+        verdict = relaxed_verdict(target_logits, drafts, num_drafts, flagged, relaxed.top_n, relaxed.delta, verdict,
+                                  relaxed.strict_ids)
     return resolve(verdict, num_drafts)
 
 
@@ -177,3 +156,4 @@ class RelaxedInputs(NamedTuple):
     rows: Tensor  # [B] bool: the row is relaxed while it thinks
     top_n: Tensor  # [B] int
     delta: Tensor  # [B] float
+    strict_ids: Tensor  # [S] ids accepted only by the strict rule (closing marker, EOS)

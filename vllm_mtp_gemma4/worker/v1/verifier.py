@@ -32,7 +32,7 @@ from vllm_mtp_gemma4.ops import (
     verify_greedy,
     verify_step,
 )
-from vllm_mtp_gemma4.worker.requests import RowInputs
+from vllm_mtp_gemma4.worker.v1.requests import RowInputs
 
 
 def no_draft_metadata(num_rows: int, device: torch.device) -> SpecDecodeMetadata:
@@ -54,10 +54,12 @@ def no_draft_metadata(num_rows: int, device: torch.device) -> SpecDecodeMetadata
 class StepVerifier(RejectionSampler):
     """Decides ``num_accepted`` and the next token for every row of a step."""
 
-    def __init__(self, sampler, thinking_open_id: int | None, thinking_close_id: int | None) -> None:
+    def __init__(self, sampler, thinking_open_id: int | None, thinking_close_id: int | None,
+                 strict_ids: list[int]) -> None:
         super().__init__(sampler)
         self.open_id = thinking_open_id
         self.close_id = thinking_close_id
+        self.strict_ids = strict_ids
 
     def verify(
         self,
@@ -109,7 +111,8 @@ class StepVerifier(RejectionSampler):
             positions = rows.first_position[:, None] + torch.arange(k + 1, device=device)
             relaxed = None
             if any_relaxed:
-                relaxed = RelaxedInputs(self._thinking(rows, drafts), rows.relaxed, rows.top_n, rows.delta)
+                relaxed = RelaxedInputs(self._thinking(rows, drafts), rows.relaxed, rows.top_n, rows.delta,
+                                        torch.tensor(self.strict_ids, dtype=torch.long, device=device))
             verification = verify_step(target, drafts, num_drafts, sampling, positions, relaxed, rows.max_top_k)
         sampled = accepted_rows(drafts, verification).to(torch.int32)
 

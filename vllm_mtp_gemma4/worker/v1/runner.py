@@ -34,7 +34,7 @@ from vllm.v1.structured_output.utils import apply_grammar_bitmask
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_mtp_gemma4.config import PluginConfig, thinking_marker_ids
+from vllm_mtp_gemma4.config import PluginConfig, strict_token_ids, thinking_marker_ids
 from vllm_mtp_gemma4.log import get_logger
 from vllm_mtp_gemma4.ops import (
     GREEDY_TEMPERATURE,
@@ -44,10 +44,10 @@ from vllm_mtp_gemma4.ops import (
     draft_threshold,
 )
 from vllm_mtp_gemma4.worker import STEP_PHASES
-from vllm_mtp_gemma4.worker.host_reads import HostReadCounter, counting_enabled, device_tensors
-from vllm_mtp_gemma4.worker.proposer import Gemma4MTPProposer
-from vllm_mtp_gemma4.worker.requests import RequestTracker
-from vllm_mtp_gemma4.worker.verifier import StepVerifier
+from vllm_mtp_gemma4.worker.v1.host_reads import HostReadCounter, counting_enabled, device_tensors
+from vllm_mtp_gemma4.worker.v1.proposer import Gemma4MTPProposer
+from vllm_mtp_gemma4.worker.v1.requests import RequestTracker
+from vllm_mtp_gemma4.worker.v1.verifier import StepVerifier
 
 logger = get_logger(__name__)
 
@@ -67,9 +67,11 @@ class FusedStepMixin:
         if not self.fused:
             return
         self.plugin_config = config
-        open_id, close_id = thinking_marker_ids(cached_tokenizer_from_config(vllm_config.model_config))
+        tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
+        open_id, close_id = thinking_marker_ids(tokenizer)
         self.tracker = RequestTracker(config, open_id, close_id)
-        self.verifier = StepVerifier(self.sampler, open_id, close_id)
+        self.verifier = StepVerifier(self.sampler, open_id, close_id,
+                                     strict_token_ids(tokenizer, vllm_config.model_config.hf_text_config.eos_token_id))
         logger.info("vllm-mtp-gemma4: fused target-verify step on (thinking markers %s/%s)", open_id, close_id)
 
     @contextmanager
