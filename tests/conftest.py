@@ -7,18 +7,50 @@ session-scoped fixture, run once in its own subprocess (``vllm_mtp_gemma4.bench.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from vllm_mtp_gemma4.bench.job import Job, JobResult, run_job
 from vllm_mtp_gemma4.checkpoint import FIXTURE_DIR
+from vllm_mtp_gemma4.config import THINKING_CLOSE
 
 TARGET = FIXTURE_DIR / "target"
 ASSISTANT = FIXTURE_DIR / "assistant"
 ASSISTANT_CENTROIDS = FIXTURE_DIR / "assistant-centroids"
 GREEDY_TOKENS = 64
+REPO = Path(__file__).resolve().parent.parent
+# Model Runner V2 through Triton's interpreter (``tests/mrv2/sitecustomize.py``), for every process of a job.
+V2_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "1", "TRITON_INTERPRET": "1",
+          "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "mrv2"), str(REPO),
+                                                      os.environ.get("PYTHONPATH")]))}
 # fp32 and no torch.compile: exact comparisons with Hugging Face, and the fastest engine start.
 ENGINE = {"model": str(TARGET), "dtype": "float32", "enforce_eager": True, "max_model_len": 2048}
+
+
+THINKING_FUNCTIONS = [
+    ("rgb_to_hls(r, g, b)", "colorsys"), ("as_integer_ratio(self)", "fractions"), ("__repr__(self)", "fractions"),
+    ("dedent(text)", "textwrap"), ("fill(text, width=70)", "textwrap"), ("quote(s)", "shlex"),
+    ("split(s, comments=False)", "shlex"), ("getcwdu()", "os"), ("isabs(s)", "posixpath"),
+    ("basename(p)", "posixpath"), ("mean(data)", "statistics"), ("median(data)", "statistics"),
+    ("bisect_left(a, x)", "bisect"), ("heappush(heap, item)", "heapq"), ("escape(s, quote=True)", "html"),
+    ("b64encode(s)", "base64"),
+]
+THINKING_TOKENS = 160
+
+
+def thinking_prompts() -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(TARGET)
+    texts = [tok.apply_chat_template([{"role": "user", "content": f"Write `def {fn}:` from {module}."}],
+                                     add_generation_prompt=True, enable_thinking=True, tokenize=False)
+             for fn, module in THINKING_FUNCTIONS]
+    return [tok(text, add_special_tokens=False).input_ids for text in texts]  # the template has <bos>
+
+
+def close_id() -> int:
+    return AutoTokenizer.from_pretrained(TARGET).convert_tokens_to_ids(THINKING_CLOSE)
 
 
 def mtp_config(k: int = 3, assistant=ASSISTANT) -> dict:
@@ -52,3 +84,11 @@ def plugin_mtp_greedy(held_out_prompts, tmp_path_factory) -> JobResult:
     path.write_text(json.dumps({**mtp_config(3), "vllm_mtp_gemma4": {}}))
     return run_job(Job(engine={**ENGINE, "speculative_config": str(path)}, prompts=held_out_prompts,
                        sampling={"temperature": 0.0, "max_tokens": GREEDY_TOKENS}))
+
+
+@pytest.fixture(scope="session")
+def plain_thinking() -> JobResult:
+    """Plain greedy decoding of the thinking prompts, plugin loaded."""
+    prompts = thinking_prompts()
+    return run_job(Job(engine=ENGINE, prompts=prompts,
+                       sampling={"temperature": 0.0, "max_tokens": THINKING_TOKENS}))

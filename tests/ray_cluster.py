@@ -4,12 +4,17 @@ Ray binds to the machine's non-loopback interface even when asked for 127.0.0.1,
 fresh network and PID namespaces (``unshare``; the tests run as root): the network namespace has only
 ``lo``, and killing the namespace's first process ends every process in it, Ray workers included. Engine
 jobs join both namespaces (``nsenter``) so that Ray sees their PIDs.
+
+The cluster runs with token auth on a token of its own, in the environment of the cluster and of the jobs that
+join it (``env``): Ray reads ``RAY_AUTH_TOKEN`` ahead of ``~/.ray/auth_token``, so a token an earlier Ray run left
+there changes nothing here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -33,13 +38,14 @@ class RayCluster:
         self._temp = Path(tempfile.mkdtemp(prefix="mtp-ray-"))
         ray = Path(sys.executable).with_name("ray")
         self.log_path = self._temp / "cluster.log"
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         self._proc = subprocess.Popen(
             [*ISOLATED, str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
              "--port", str(RAY_PORT), "--num-cpus", str(num_cpus), "--resources", json.dumps(resources),
              "--temp-dir", str(self._temp),
              "--include-dashboard", "false", "--disable-usage-stats"],
             stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
-            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.auth},
         )
         self.init_pid = self._namespace_init()
         self.pid_namespace = os.readlink(f"/proc/{self.init_pid}/ns/pid")
@@ -52,7 +58,8 @@ class RayCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"RAY_ADDRESS": f"127.0.0.1:{RAY_PORT}", "RAY_USAGE_STATS_ENABLED": "0"}
+        """What a job needs to join the cluster: its address and its token."""
+        return {"RAY_ADDRESS": f"127.0.0.1:{RAY_PORT}", "RAY_USAGE_STATS_ENABLED": "0", **self.auth}
 
     def processes(self, name: str = "") -> list[int]:
         """PIDs (as seen from here) of the cluster namespace's processes whose command line contains ``name``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from vllm_mtp_gemma4.config import (
     resolve,
 )
 
-from .conftest import ASSISTANT, TARGET
+from .conftest import ASSISTANT, TARGET, V2_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = {"method": "mtp", "model": str(ASSISTANT), "num_speculative_tokens": 3}
@@ -84,9 +85,6 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[str, str, str]]:
                                        f"{SECTION}.relaxed_delta: must be a number in [0, 1], got 1.5"),
         "relaxed flag not boolean": (target, json.dumps({**GOOD, SECTION: {"relaxed_acceptance": "on"}}),
                                      f"{SECTION}.relaxed_acceptance: must be true or false, got 'on'"),
-        "relaxed without fused": (target, json.dumps({**GOOD, SECTION: {"relaxed_acceptance": True,
-                                                                        "fused": False}}),
-                                  f"{SECTION}.relaxed_acceptance: needs the fused step"),
         "fused not boolean": (target, json.dumps({**GOOD, SECTION: {"fused": 1}}),
                               f"{SECTION}.fused: must be true or false, got 1"),
     }
@@ -95,7 +93,7 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[str, str, str]]:
 @pytest.mark.parametrize("case", [
     "unknown key", "unknown plugin key", "wrong type", "K below 1", "missing draft", "draft not an assistant",
     "backbone mismatch", "target not Gemma 4", "malformed JSON", "relaxed topk below 1",
-    "relaxed delta out of range", "relaxed flag not boolean", "relaxed without fused", "fused not boolean",
+    "relaxed delta out of range", "relaxed flag not boolean", "fused not boolean",
 ])
 def test_resolve_rejects(case, tmp_path):
     target, text, fragment = bad_cases(tmp_path)[case]
@@ -114,7 +112,7 @@ def test_resolve_rejects(case, tmp_path):
 ])
 def test_request_options_rejected(options, fragment):
     with pytest.raises(MTPConfigError, match=re.escape(fragment)):
-        check_request_options(options, PluginConfig())
+        check_request_options(options, relaxed_available=True)
 
 
 def test_request_options_override_the_config():
@@ -123,8 +121,28 @@ def test_request_options_override_the_config():
     assert (settings.enabled, settings.topk, settings.delta, opted_in) == (True, 4, 0.2, True)
     assert config.relaxed_for_request(None) == (config.relaxed, False)
     assert config.relaxed_for_request({"relaxed_acceptance": 1})[1] is True  # HTTP has no booleans in vllm_xargs
-    with pytest.raises(MTPConfigError, match="this server runs without the fused step"):
-        check_request_options({"relaxed_acceptance": True}, PluginConfig(fused=False))
+    check_request_options({"relaxed_acceptance": True}, relaxed_available=True)
+    with pytest.raises(MTPConfigError, match="this server runs Model Runner V1 without the fused step"):
+        check_request_options({"relaxed_acceptance": True}, relaxed_available=False)
+
+
+@pytest.mark.parametrize(("section", "runner", "fragment"), [
+    ({"relaxed_acceptance": True, "fused": False}, "V1", f"{SECTION}.relaxed_acceptance: needs the fused step on "
+                                                         "Model Runner V1"),
+    ({"adaptive_k": True, "fused": False}, "V1", f"{SECTION}.adaptive_k: needs the fused step"),
+    ({"fused": True}, "V2", f"{SECTION}.fused: the plugin's fused step runs on Model Runner V1 only"),
+    ({"adaptive_k": True}, "V2", f"{SECTION}.adaptive_k: not available on Model Runner V2"),
+])
+def test_settings_a_runner_cannot_honour_are_errors(section, runner, fragment):
+    with pytest.raises(MTPConfigError, match=re.escape(fragment)):
+        PluginConfig.from_dict(section).for_runner(runner)
+
+
+def test_the_runner_decides_what_fused_means():
+    assert PluginConfig().for_runner("V1").fused is True
+    assert PluginConfig.from_dict({"fused": False}).for_runner("V1").fused is False
+    assert PluginConfig.from_dict({"relaxed_acceptance": True}).for_runner("V2").fused is False
+    assert PluginConfig.from_dict({"fused": False}).for_runner("V2").fused is False
 
 
 def test_draft_tensor_parallel_size_must_match_the_target():
@@ -137,18 +155,26 @@ def test_draft_tensor_parallel_size_must_match_the_target():
 
 @pytest.mark.engine
 @pytest.mark.parametrize("case", ["unknown key", "K below 1", "backbone mismatch", "malformed JSON",
-                                  "target not Gemma 4", "relaxed delta out of range", "draft TP mismatch"])
+                                  "target not Gemma 4", "relaxed delta out of range", "draft TP mismatch",
+                                  "async scheduling on V1", "adaptive K on V2", "fused on V2"])
 def test_vllm_serve_exits_with_one_line(case, tmp_path):
     cases = {**bad_cases(tmp_path), "draft TP mismatch": (
         str(TARGET), json.dumps({**GOOD, "draft_tensor_parallel_size": 1, SECTION: {}}),
-        "'draft_tensor_parallel_size' is 1 but the target runs with --tensor-parallel-size 2")}
+        "'draft_tensor_parallel_size' is 1 but the target runs with --tensor-parallel-size 2"),
+        "async scheduling on V1": (str(TARGET), json.dumps(GOOD), "--async-scheduling: the plugin's fused step on "
+                                                                  "Model Runner V1 runs without async scheduling"),
+        "adaptive K on V2": (str(TARGET), json.dumps({**GOOD, SECTION: {"adaptive_k": True}}),
+                             f"{SECTION}.adaptive_k: not available on Model Runner V2"),
+        "fused on V2": (str(TARGET), json.dumps({**GOOD, SECTION: {"fused": True}}),
+                        f"{SECTION}.fused: the plugin's fused step runs on Model Runner V1 only")}
     target, text, fragment = cases[case]
     path = tmp_path / "mtp.json"
     path.write_text(text)
     vllm = Path(sys.executable).parent / "vllm"
-    extra = ["--tensor-parallel-size", "2"] if case == "draft TP mismatch" else []
-    proc = subprocess.run([str(vllm), "serve", target, "--speculative-config", str(path), "--port", "0", *extra],
-                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    extra = {"draft TP mismatch": ["--tensor-parallel-size", "2"], "async scheduling on V1": ["--async-scheduling"]}
+    env = {**os.environ, **V2_ENV} if case.endswith("on V2") else None
+    proc = subprocess.run([str(vllm), "serve", target, "--speculative-config", str(path), "--port", "0",
+                           *extra.get(case, [])], capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = [line for line in output.splitlines() if line.startswith("error:")]

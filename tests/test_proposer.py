@@ -9,7 +9,12 @@ pytestmark = pytest.mark.engine
 
 def test_plugin_proposer_ran_and_is_visible(plugin_mtp_greedy, upstream_mtp_greedy):
     assert "vllm-mtp-gemma4: Gemma4MTPProposer drafting K=3" in plugin_mtp_greedy.log
-    assert plugin_mtp_greedy.metrics.get("vllm:mtp_gemma4_proposer_info") == 1
+    # Reported by the worker that drafts, from its live runner.
+    info = "vllm:mtp_gemma4_proposer_info"
+    assert plugin_mtp_greedy.metrics.get(info) == 1
+    assert plugin_mtp_greedy.metrics.get(f"{info}{{runner=V1}}") == 1
+    assert plugin_mtp_greedy.metrics.get(f"{info}{{drafter=Gemma4MTPProposer (fused step)}}") == 1
+    assert plugin_mtp_greedy.metrics.get(f"{info}{{assistant=vllm_mtp_gemma4.models.gemma4_mtp.Gemma4MTP}}") == 1
     assert "Gemma4MTPProposer" not in upstream_mtp_greedy.log
     assert "vllm:mtp_gemma4_proposer_info" not in upstream_mtp_greedy.metrics
 

@@ -10,38 +10,15 @@ Greedy requests opt in per request (``extra_args``), so every figure is determin
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
 
 from vllm_mtp_gemma4.bench.job import Job, JobResult, run_job
-from vllm_mtp_gemma4.config import THINKING_CLOSE
 
-from .conftest import ENGINE, TARGET, mtp_config
+from .conftest import ENGINE, THINKING_TOKENS, close_id, mtp_config, thinking_prompts
 
 pytestmark = pytest.mark.engine
 
-FUNCTIONS = [
-    ("rgb_to_hls(r, g, b)", "colorsys"), ("as_integer_ratio(self)", "fractions"), ("__repr__(self)", "fractions"),
-    ("dedent(text)", "textwrap"), ("fill(text, width=70)", "textwrap"), ("quote(s)", "shlex"),
-    ("split(s, comments=False)", "shlex"), ("getcwdu()", "os"), ("isabs(s)", "posixpath"),
-    ("basename(p)", "posixpath"), ("mean(data)", "statistics"), ("median(data)", "statistics"),
-    ("bisect_left(a, x)", "bisect"), ("heappush(heap, item)", "heapq"), ("escape(s, quote=True)", "html"),
-    ("b64encode(s)", "base64"),
-]
 SPEC = {**mtp_config(3), "vllm_mtp_gemma4": {"relaxed_topk": 10, "relaxed_delta": 0.6}}
 RELAXED = {"relaxed_acceptance": True}
-MAX_TOKENS = 160
-
-
-def thinking_prompts() -> list[list[int]]:
-    tok = AutoTokenizer.from_pretrained(TARGET)
-    texts = [tok.apply_chat_template([{"role": "user", "content": f"Write `def {fn}:` from {module}."}],
-                                     add_generation_prompt=True, enable_thinking=True, tokenize=False)
-             for fn, module in FUNCTIONS]
-    return [tok(text, add_special_tokens=False).input_ids for text in texts]  # the template has <bos>
-
-
-def close_id() -> int:
-    return AutoTokenizer.from_pretrained(TARGET).convert_tokens_to_ids(THINKING_CLOSE)
 
 
 def _run(prompts: list[list[int]], sampling: list[dict], spec: dict | None = SPEC) -> JobResult:
@@ -60,7 +37,7 @@ def phase_length(result: JobResult, phase: str) -> float:
 @pytest.fixture(scope="module")
 def strict_and_relaxed() -> tuple[JobResult, JobResult]:
     prompts = thinking_prompts()
-    greedy = {"temperature": 0.0, "max_tokens": MAX_TOKENS}
+    greedy = {"temperature": 0.0, "max_tokens": THINKING_TOKENS}
     strict = _run(prompts, [greedy] * len(prompts))
     relaxed = _run(prompts, [{**greedy, "extra_args": RELAXED}] * len(prompts))
     return strict, relaxed
@@ -79,12 +56,6 @@ def test_relaxed_acceptance_is_longer_inside_thinking(strict_and_relaxed, record
 def test_strict_mode_matches_plain_decoding(strict_and_relaxed, plain_thinking):
     strict, _ = strict_and_relaxed
     assert strict.token_ids == plain_thinking.token_ids
-
-
-@pytest.fixture(scope="module")
-def plain_thinking() -> JobResult:
-    prompts = thinking_prompts()
-    return _run(prompts, [{"temperature": 0.0, "max_tokens": MAX_TOKENS}] * len(prompts), spec=None)
 
 
 def test_answers_after_a_relaxed_thinking_prefix_stay_strict(strict_and_relaxed):

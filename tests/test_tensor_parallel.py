@@ -4,7 +4,8 @@ Each rank's runner verifies the whole batch itself, so every rank must draw the 
 unseeded request is a hash of its request id, never process-local randomness.
 
 The Ray tests start a real one-node cluster on loopback (``tests/ray_cluster.py``) with two ``vllm_cpu`` units,
-and check that nothing of it is left running afterwards.
+and check that nothing of it is left running afterwards. They run with a stale ``~/.ray/auth_token`` in place, as
+an earlier local Ray instance leaves it (issue 18), and check that nothing is left in ``~/.ray`` either.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +24,7 @@ from vllm_mtp_gemma4.bench.job import Job, JobFailed, JobResult, first_error, ru
 from vllm_mtp_gemma4.worker.ray_cpu import RAY_CPU_RESOURCE
 
 from .conftest import ASSISTANT_CENTROIDS, ENGINE, mtp_config
-from .ray_cluster import ISOLATED, RayCluster
+from .ray_cluster import ISOLATED, RAY_PORT, RayCluster
 
 pytestmark = pytest.mark.engine
 SPEC = {**mtp_config(3), "vllm_mtp_gemma4": {}}
@@ -30,6 +32,8 @@ TP2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
 TP2_RAY = {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
 FAULT_REPORT_S = 60  # a dead Ray worker must fail the engine within this
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank; vLLM's CPU TP needs an explicit binding
+RAY_HOME = Path.home() / ".ray"
+RAY_TOKEN = RAY_HOME / "auth_token"  # where Ray reads a token from by default, and writes one for a local instance
 
 
 def _workload(prompts: list[str]) -> tuple[list[str], list[dict]]:
@@ -95,8 +99,62 @@ def _require_namespaces() -> None:
         pytest.skip("the Ray tests run in their own network and PID namespaces: need root, unshare, nsenter, ip")
 
 
+def _ray_home() -> frozenset[Path] | None:
+    """What ``~/.ray`` holds (None: no such folder)."""
+    return frozenset(RAY_HOME.rglob("*")) if RAY_HOME.exists() else None
+
+
+def _restore_ray_home(before: frozenset[Path] | None) -> set[Path]:
+    """Remove what appeared in ``~/.ray`` since ``before``; return it."""
+    new = set(_ray_home() or ()) - set(before or ())
+    for path in sorted(new, reverse=True):  # files ahead of their folders
+        path.rmdir() if path.is_dir() else path.unlink()
+    if before is None and RAY_HOME.exists():
+        RAY_HOME.rmdir()
+        new.add(RAY_HOME)
+    return new
+
+
+def test_without_a_cluster_a_local_one_gets_a_unit_per_core(held_out_prompts):
+    """No cluster to join: the engine starts a local Ray instance with one ``vllm_cpu`` per core (here too few).
+
+    Ray's token auth stays on for it, and nothing lands in ``~/.ray``: Ray would write a token there, which turns
+    token auth on for the next ``ray start --head`` on the machine. It runs ahead of the cluster tests, as in issue 18.
+    """
+    _require_namespaces()
+    cores = len(os.sched_getaffinity(0))
+    if cores >= 4:
+        pytest.skip(f"{cores} cores hold TP=4")
+    before = _ray_home()
+    try:
+        with pytest.raises(JobFailed) as failure:
+            run_job(Job(engine={**ENGINE, **TP2_RAY, "tensor_parallel_size": 4, "speculative_config": SPEC},
+                        prompts=held_out_prompts[:1],
+                        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0|1", "RAY_ADDRESS": ""}),
+                    launcher=ISOLATED, timeout=300)
+    finally:
+        left = _restore_ray_home(before)
+    assert "Started a local Ray instance" in failure.value.log
+    assert "Token authentication is enabled for this Ray cluster" in failure.value.log
+    assert f"Ray cluster has {cores} free '{RAY_CPU_RESOURCE}' of the 4" in first_error(failure.value.log)
+    assert not left, f"the local Ray instance left {sorted(map(str, left))}"
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
+def stale_ray_token():
+    """``~/.ray/auth_token`` written as Ray writes it for a local instance, unless one is there already; yields what
+    ``~/.ray`` held before."""
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+    before = _ray_home()
+    if not RAY_TOKEN.exists():
+        generate_and_save_token()
+    yield before
+    _restore_ray_home(before)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(stale_ray_token):
     _require_namespaces()
     cluster = RayCluster({RAY_CPU_RESOURCE: 2})
     yield cluster
@@ -123,6 +181,22 @@ def test_ray_tp2_seeded_sampling_matches_tp1(tp1, tp2_ray):
     assert tp2_ray.token_ids[8:] == tp1.token_ids[8:]
 
 
+def test_joining_without_the_clusters_token_is_one_clear_error(held_out_prompts, ray_cluster):
+    """Issue 18's engine: ``RAY_ADDRESS`` set, ``RAY_AUTH_MODE`` unset, a stale ``~/.ray/auth_token`` that is not
+    the cluster's token. One error naming address, auth mode and token file; no local instance, no second error."""
+    env = {k: v for k, v in ray_cluster.env.items() if not k.startswith("RAY_AUTH_")}
+    with pytest.raises(JobFailed) as failure:
+        run_job(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SPEC}, prompts=held_out_prompts[:1],
+                    # Ray retries a refused connection for 20 s; 2 tries show the same
+                    env={**TP2_ENV, **env, "RAY_gcs_server_port_wait_time_s": "2"}),
+                launcher=ray_cluster.launcher, timeout=300)
+    assert first_error(failure.value.log).startswith(
+        f"ConnectionError: Ray cluster at 127.0.0.1:{RAY_PORT} refused this engine's authentication "
+        f"(RAY_AUTH_MODE unset, token {RAY_TOKEN}): ")
+    assert "Started a local Ray instance" not in failure.value.log
+    assert "resources must not be provided" not in failure.value.log
+
+
 def test_more_ranks_than_the_ray_cluster_holds_fails_fast(held_out_prompts, ray_cluster):
     start = time.monotonic()
     with pytest.raises(JobFailed) as failure:
@@ -131,21 +205,6 @@ def test_more_ranks_than_the_ray_cluster_holds_fails_fast(held_out_prompts, ray_
                 launcher=ray_cluster.launcher, timeout=300)
     assert f"Ray cluster has 2 free '{RAY_CPU_RESOURCE}' of the 4" in first_error(str(failure.value))
     assert time.monotonic() - start < 120
-
-
-def test_without_a_cluster_a_local_one_gets_a_unit_per_core(held_out_prompts):
-    """No cluster to join: the engine starts a local Ray instance with one ``vllm_cpu`` per core (here too few)."""
-    _require_namespaces()
-    cores = len(os.sched_getaffinity(0))
-    if cores >= 4:
-        pytest.skip(f"{cores} cores hold TP=4")
-    with pytest.raises(JobFailed) as failure:
-        run_job(Job(engine={**ENGINE, **TP2_RAY, "tensor_parallel_size": 4, "speculative_config": SPEC},
-                    prompts=held_out_prompts[:1], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1|0|1", "RAY_ADDRESS": "",
-                                                        "RAY_AUTH_MODE": "disabled"}),
-                launcher=ISOLATED, timeout=300)
-    assert "Started a local Ray instance" in failure.value.log
-    assert f"Ray cluster has {cores} free '{RAY_CPU_RESOURCE}' of the 4" in first_error(failure.value.log)
 
 
 def test_killed_ray_worker_fails_the_engine_promptly(held_out_prompts, ray_cluster):
@@ -184,6 +243,9 @@ def test_killed_ray_worker_fails_the_engine_promptly(held_out_prompts, ray_clust
     print(f"engine failed {outcome['ended'] - killed:.1f} s after the kill: {first_error(outcome['error'])}")
 
 
-def test_ray_cluster_leaves_nothing_running(ray_cluster):
+def test_ray_cluster_leaves_nothing_running(ray_cluster, stale_ray_token):
     ray_cluster.stop()
     assert ray_cluster.processes() == []
+    planted = set() if stale_ray_token and RAY_TOKEN in stale_ray_token else {RAY_TOKEN}
+    assert _restore_ray_home(stale_ray_token) - {RAY_HOME} == planted  # the Ray runs added nothing to ~/.ray
+    assert _ray_home() == stale_ray_token

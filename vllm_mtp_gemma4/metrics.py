@@ -16,18 +16,21 @@ from prometheus_client.registry import Collector
 
 
 class _ProposerInfo(Collector):
-    """``vllm:mtp_gemma4_proposer_info{num_speculative_tokens, assistant} 1`` per engine configured."""
+    """``vllm:mtp_gemma4_proposer_info{runner, drafter, assistant, num_speculative_tokens} 1`` for what each engine's
+    workers report drafting with (``worker/info.py``), once the engine has started."""
+
+    LABELS = ("runner", "drafter", "assistant", "num_speculative_tokens")
 
     def __init__(self) -> None:
-        self.engines: set[tuple[str, str]] = set()
+        self.drafters: set[tuple[str, ...]] = set()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "vllm:mtp_gemma4_proposer_info",
-            "1 for each engine that drafts with the vllm-mtp-gemma4 Gemma 4 MTP proposer.",
-            labels=["num_speculative_tokens", "assistant"],
+            "1 for each drafter the engine's workers report, with their model runner and assistant class.",
+            labels=list(self.LABELS),
         )
-        for labels in sorted(self.engines):
+        for labels in sorted(self.drafters):
             family.add_metric(list(labels), 1)
         yield family
 
@@ -36,9 +39,11 @@ PROPOSER_INFO = _ProposerInfo()
 REGISTRY.register(PROPOSER_INFO)
 
 
-def record_proposer(num_speculative_tokens: int, assistant: str) -> None:
-    PROPOSER_INFO.engines.add((str(num_speculative_tokens), assistant))
-    PHASE_ACCEPTANCE.enabled = True
+def record_drafters(reports: list[dict[str, str] | None]) -> None:
+    """The workers' ``drafter_info`` reports (None from workers that do not draft)."""
+    for report in reports:
+        if report is not None:
+            PROPOSER_INFO.drafters.add(tuple(report[k] for k in _ProposerInfo.LABELS))
 
 
 PHASES = ("thinking", "answer")
@@ -62,9 +67,10 @@ class _PhaseAcceptance(Collector):
                 markers: tuple[int, int]) -> None:
         from vllm_mtp_gemma4.ops import thinking_after
 
-        if request_id not in self.thinking:  # prefill output
-            self.thinking[request_id] = thinking_after(thinking_after(False, prompt_ids or [], *markers), new_ids,
-                                                       *markers)
+        if request_id not in self.thinking:
+            if new_ids:  # the first token, from the prefill (a partial prefill's output has none)
+                self.thinking[request_id] = thinking_after(thinking_after(False, prompt_ids or [], *markers),
+                                                           new_ids, *markers)
         elif new_ids:
             phase = "thinking" if self.thinking[request_id] else "answer"
             self.steps[phase] += 1

@@ -6,6 +6,7 @@ why it exists. Bumping vLLM means re-reading each of these against the new sourc
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
 import os
@@ -24,7 +25,8 @@ from vllm_mtp_gemma4.config import (
     resolve,
     thinking_marker_ids,
 )
-from vllm_mtp_gemma4.metrics import PHASE_ACCEPTANCE, record_proposer
+from vllm_mtp_gemma4.log import get_logger
+from vllm_mtp_gemma4.metrics import PHASE_ACCEPTANCE, record_drafters
 
 _applied = False
 
@@ -53,11 +55,14 @@ def _accept_config_file_in_cli() -> None:
 
 
 def _resolve_speculative_config() -> None:
-    """Load, validate and split the speculative config before vLLM builds its configs.
+    """Load, validate and split the speculative config before vLLM builds its configs, then fit it to the runner.
 
-    ``EngineArgs.create_engine_config`` is the one point that ``LLM(...)``, ``vllm serve`` and
-    ``AsyncLLM`` all pass through before any weights load. vLLM's ``SpeculativeConfig`` forbids
-    unknown keys, so the plugin's section moves to ``additional_config`` (which reaches every worker).
+    ``EngineArgs.create_engine_config`` is the one point that ``LLM(...)``, ``vllm serve`` and ``AsyncLLM`` all pass
+    through before any weights load. vLLM's ``SpeculativeConfig`` forbids unknown keys, so the plugin's section
+    moves to ``additional_config`` (which reaches every worker). vLLM's ``--spec-method/--spec-model/--spec-tokens``
+    are folded in first (``EngineArgs.create_speculative_config`` would fold them only after this point), so every
+    way of asking for MTP resolves the same. Which model runner runs (``VllmConfig.use_v2_model_runner``) is known
+    only once the config exists, so the runner-specific checks and settings come after vLLM's own.
     """
     from vllm.config import SpeculativeConfig
     from vllm.engine.arg_utils import EngineArgs
@@ -66,20 +71,68 @@ def _resolve_speculative_config() -> None:
     allowed = {f.name for f in dataclasses.fields(SpeculativeConfig)}
 
     def create_engine_config(self, *args: Any, **kwargs: Any):
+        plugin_config = None
+        flags = {"method": self.spec_method, "model": self.spec_model, "num_speculative_tokens": self.spec_tokens}
+        if any(v is not None for v in flags.values()):
+            spec = load_speculative_config(self.speculative_config or {})
+            for key, value in flags.items():
+                if value is not None and key in spec:
+                    raise MTPConfigError(f"--spec-{key.split('_')[-1]} and --speculative-config['{key}'] are "
+                                         f"mutually exclusive")
+            self.speculative_config = {**spec, **{k: v for k, v in flags.items() if v is not None}}
+            self.spec_method = self.spec_model = self.spec_tokens = None
         if self.speculative_config is not None:
             spec = load_speculative_config(self.speculative_config)
             self.speculative_config, plugin_config = resolve(spec, self.model, allowed)
             if plugin_config is not None:
                 check_draft_parallelism(self.speculative_config, self.tensor_parallel_size)
+                if (self.tensor_parallel_size > 1 and not self.speculative_config.get("enable_adaptive_verification")
+                        and self.speculative_config.get("draft_sample_method") != "probabilistic"):
+                    # Greedy drafts from the vocab-parallel head by a local argmax (the assistant's get_top_tokens).
+                    self.speculative_config.setdefault("use_local_argmax_reduction", True)
                 self.additional_config = {**(self.additional_config or {}), SECTION: plugin_config.to_dict()}
-                if plugin_config.fused:
-                    # The fused step reads the device once per step itself; vLLM's async scheduling
-                    # would overlap a second, speculative copy of the same outputs.
-                    self.async_scheduling = False
-                record_proposer(self.speculative_config["num_speculative_tokens"], self.speculative_config["model"])
-        return original(self, *args, **kwargs)
+        config = original(self, *args, **kwargs)
+        if plugin_config is not None:
+            _fit_to_runner(config, plugin_config, explicit_async=self.async_scheduling)
+        return config
 
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _fit_to_runner(config: Any, plugin_config: PluginConfig, explicit_async: bool | None) -> None:
+    """What the plugin does on the engine's runner, set and logged before any weights load.
+
+    - V1: the fused step reads the device once per step itself, so async scheduling (which would overlap a second,
+      speculative copy of the same outputs) is turned off; asked for explicitly, it is an error.
+    - V2: V2's own step and scheduling stay; relaxed acceptance is added as a V2 logits processor.
+    """
+    from vllm_mtp_gemma4.worker.v2 import RELAXED_PROCESSOR
+
+    runner = "V2" if config.use_v2_model_runner else "V1"
+    resolved = plugin_config.for_runner(runner)
+    if runner == "V1" and resolved.fused:
+        if explicit_async:
+            raise MTPConfigError(
+                "--async-scheduling: the plugin's fused step on Model Runner V1 runs without async scheduling; drop "
+                f"the flag, or set {SECTION}.fused to false")
+        config.scheduler_config.async_scheduling = False
+    if runner == "V2":
+        model_config = config.model_config
+        model_config.logits_processors = [*(model_config.logits_processors or []), RELAXED_PROCESSOR]
+    config.additional_config[SECTION] = resolved.to_dict()
+    spec = config.speculative_config
+    features = {
+        "fused step": "on" if resolved.fused else ("off (V2's own step)" if runner == "V2" else "off"),
+        "relaxed acceptance": ("on by default" if resolved.relaxed_acceptance else "per request")
+        + (" (V2 logits processor)" if runner == "V2" else "" if resolved.fused else ": unavailable"),
+        "adaptive K": "on" if resolved.adaptive_k else "off",
+        "draft argmax": "vocab-parallel local" if spec.use_local_argmax_reduction else "over full logits",
+        "async scheduling": "on" if config.scheduler_config.async_scheduling else "off",
+    }
+    get_logger(__name__).info("vllm-mtp-gemma4: Model Runner %s, K=%d, assistant %s; %s", runner,
+                              spec.num_speculative_tokens, spec.model,
+                              "; ".join(f"{k}: {v}" for k, v in features.items()))
+    PHASE_ACCEPTANCE.enabled = True
 
 
 def _use_plugin_proposer() -> None:
@@ -91,7 +144,7 @@ def _use_plugin_proposer() -> None:
     """
     from vllm.v1.worker import gpu_model_runner
 
-    from vllm_mtp_gemma4.worker.proposer import Gemma4MTPProposer
+    from vllm_mtp_gemma4.worker.v1.proposer import Gemma4MTPProposer
 
     gpu_model_runner.Gemma4Proposer = Gemma4MTPProposer
 
@@ -105,7 +158,7 @@ def _use_fused_runner() -> None:
     """
     from vllm.v1.worker import cpu_worker, gpu_worker
 
-    from vllm_mtp_gemma4.worker.runner import FusedCPUModelRunner, FusedGPUModelRunner
+    from vllm_mtp_gemma4.worker.v1.runner import FusedCPUModelRunner, FusedGPUModelRunner
 
     cpu_worker.CPUModelRunner = FusedCPUModelRunner
     original = gpu_worker.Worker._make_model_runner
@@ -126,8 +179,10 @@ def _ray_on_cpu() -> None:
       the executor puts the key (``resources={key: n}`` on each worker actor).
     - ``ray_executor_v2.RayWorkerProc`` (the actor class, built by its module-level name) becomes
       ``CPURayWorkerProc``, whose ``get_node_and_physical_gpu_ids`` does not look up accelerator ids.
-    - ``ray_executor_v2.initialize_ray_cluster`` first connects (or, with no cluster to join, starts a local
-      one with one ``vllm_cpu`` per core) and fails at once, naming the resource, when the cluster has fewer
+    - ``ray_executor_v2.initialize_ray_cluster`` first joins the cluster there is (``RAY_ADDRESS``, else one
+      ``ray start`` left here; a refusal is one error naming its cause, auth included) or, only with none to
+      join, starts a local one with one ``vllm_cpu`` per core that leaves no token in ``~/.ray``
+      (``worker/ray_cpu.py`` says why). It then fails at once, naming the resource, when the cluster has fewer
       units free than ranks; vLLM would wait ``PG_WAIT_TIMEOUT`` (30 min) for a placement group that cannot
       form.
     This is vLLM 0.32's default Ray executor (``RayExecutorV2``); the legacy one
@@ -140,6 +195,7 @@ def _ray_on_cpu() -> None:
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.executor import ray_executor_v2
 
+    from vllm_mtp_gemma4.worker import ray_cpu
     from vllm_mtp_gemma4.worker.ray_cpu import RAY_CPU_RESOURCE, CPURayWorkerProc
 
     CpuPlatform.ray_device_key = RAY_CPU_RESOURCE
@@ -150,11 +206,11 @@ def _ray_on_cpu() -> None:
         import ray
 
         if not ray.is_initialized():
-            try:
-                ray.init(address=ray_address or "auto", runtime_env=parallel_config.ray_runtime_env)
-            except ConnectionError:  # no cluster to join: a local one, one rank per core at most
-                ray.init(runtime_env=parallel_config.ray_runtime_env,
-                         resources={RAY_CPU_RESOURCE: len(os.sched_getaffinity(0))})
+            cluster = ray_cpu.cluster_to_join(ray_address)
+            if cluster is None:  # no cluster to join: a local one, one rank per core at most
+                ray_cpu.start_local_ray(parallel_config.ray_runtime_env, len(os.sched_getaffinity(0)))
+            else:
+                ray_cpu.join_ray(ray_address, cluster, parallel_config.ray_runtime_env)
         free = ray.available_resources().get(RAY_CPU_RESOURCE, 0)
         if parallel_config.world_size > free and parallel_config.placement_group is None:
             raise ValueError(
@@ -199,7 +255,7 @@ def _validate_requests() -> None:
         if config is None or not isinstance(params, SamplingParams):
             return original(self, params, supported_tasks)
         try:
-            check_request_options(params.extra_args, config)
+            check_request_options(params.extra_args, bool(config.fused) or self.vllm_config.use_v2_model_runner)
             check_request_limits(params.n, params.logit_bias, self.vllm_config.scheduler_config.max_num_seqs,
                                  self.model_config.get_vocab_size())
         except MTPConfigError as e:
@@ -238,6 +294,40 @@ def _count_acceptance_by_phase() -> None:
     OutputProcessor.process_outputs = process_outputs
 
 
+def _report_drafters() -> None:
+    """Once an engine of the plugin's has started, ask its workers what drafts (``worker/info.py``), for
+    ``vllm:mtp_gemma4_proposer_info``.
+
+    ``WorkerBase`` gets ``mtp_gemma4_drafter_info``: a method name that ``collective_rpc`` calls without pickling a
+    function. ``LLMEngine`` (``LLM``) asks at the end of its ``__init__``; ``AsyncLLM`` (``vllm serve``) from a task
+    on the event loop it is built in.
+    """
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from vllm_mtp_gemma4.worker.info import drafter_info
+
+    WorkerBase.mtp_gemma4_drafter_info = drafter_info
+    sync_init, async_init = LLMEngine.__init__, AsyncLLM.__init__
+
+    def llm_engine_init(self, vllm_config, *args: Any, **kwargs: Any) -> None:
+        sync_init(self, vllm_config, *args, **kwargs)
+        if SECTION in (vllm_config.additional_config or {}):
+            record_drafters(self.collective_rpc("mtp_gemma4_drafter_info"))
+
+    def async_llm_init(self, vllm_config, *args: Any, **kwargs: Any) -> None:
+        async_init(self, vllm_config, *args, **kwargs)
+        if SECTION in (vllm_config.additional_config or {}):
+            async def report() -> None:
+                record_drafters(await self.collective_rpc("mtp_gemma4_drafter_info"))
+
+            self._mtp_gemma4_report = asyncio.get_running_loop().create_task(report())
+
+    LLMEngine.__init__ = llm_engine_init
+    AsyncLLM.__init__ = async_llm_init
+
+
 def _one_line_config_errors() -> None:
     """An ``MTPConfigError`` that reaches the top of ``vllm serve`` prints one line, not a traceback.
 
@@ -266,4 +356,5 @@ def apply() -> None:
     _ray_on_cpu()
     _validate_requests()
     _count_acceptance_by_phase()
+    _report_drafters()
     _one_line_config_errors()

@@ -25,7 +25,10 @@ from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_
 from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.models import gemma4_mtp
 
+from vllm_mtp_gemma4.log import get_logger
 from vllm_mtp_gemma4.ops import reduce_top1, shard_top1
+
+logger = get_logger(__name__)
 
 
 class Gemma4MTP(gemma4_mtp.Gemma4MTP):
@@ -51,6 +54,8 @@ class Gemma4MTP(gemma4_mtp.Gemma4MTP):
             bias = torch.zeros(head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
             bias[suppress[(suppress >= start) & (suppress < end)] - start] = float("-inf")
             self._shard_suppress_bias = bias
+        logger.info("vllm-mtp-gemma4: %s.%s loaded: projections replicated, %s head", type(self).__module__,
+                    type(self).__name__, "centroid-masked" if self.has_centroid_head else "dense")
         return loaded
 
     @property

@@ -4,9 +4,19 @@ vLLM places each Ray rank on one unit of the platform's Ray resource (``ray_devi
 has no accelerator Ray knows of, so CPU ranks use a custom resource, ``vllm_cpu``: a node started with
 ``ray start --resources '{"vllm_cpu": N}'`` hosts up to N ranks (one per core set, as
 ``VLLM_CPU_OMP_THREADS_BIND`` splits them).
+
+Joining or starting Ray (``initialize_ray_cluster`` in ``patches._ray_on_cpu``) also minds Ray 2.60's token auth:
+a local instance that Ray starts gets token auth by default and, where no token exists, Ray writes a new one to
+``~/.ray/auth_token``. A later ``ray start --head`` on the machine finds that file and turns token auth on for its
+cluster, which an engine given only ``RAY_ADDRESS`` then cannot join.
 """
 
 from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
 
 import ray
 from vllm.v1.executor.ray_executor_v2 import RayWorkerProc
@@ -20,3 +30,52 @@ class CPURayWorkerProc(RayWorkerProc):
     def get_node_and_physical_gpu_ids(self) -> tuple[str, list[int]]:
         # Ray reports accelerator ids only for accelerators it knows; a CPU rank has no device id.
         return ray.get_runtime_context().get_node_id(), []
+
+
+def cluster_to_join(address: str | None) -> str | None:
+    """The cluster ``ray.init(address or "auto")`` joins (``RAY_ADDRESS``, else one ``ray start`` left on this
+    node), or None where there is none. Decided before connecting, so that a cluster that refuses the engine is an
+    error, never a reason to start a local instance instead."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(address or "auto")
+    except ConnectionError:  # "Could not find any running Ray instance"
+        return None
+
+
+def _token_source() -> str | None:
+    """Where Ray would read this process's auth token from, in Ray's order; None where there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return str(path) if path.is_file() and path.stat().st_size else None
+
+
+def start_local_ray(runtime_env: Any, units: int) -> None:
+    """A local Ray instance with ``units`` of ``vllm_cpu`` that writes nothing to ``~/.ray``.
+
+    Token auth stays on (Ray's default for a local instance: it runs whatever code reaches its ports), but where no
+    token exists the instance gets a fresh one in this process's environment, which its own processes inherit,
+    instead of one Ray would leave in ``~/.ray/auth_token`` for later clusters to pick up.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token" and _token_source() is None:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    ray.init(runtime_env=runtime_env, resources={RAY_CPU_RESOURCE: units})
+
+
+def join_ray(address: str | None, cluster: str, runtime_env: Any) -> None:
+    """``ray.init(address or "auto")`` to join ``cluster``; a refusal raises one error naming its cause."""
+    mode, token = os.environ.get("RAY_AUTH_MODE", "unset"), _token_source()
+    try:
+        ray.init(address=address or "auto", runtime_env=runtime_env)
+    except ConnectionError as e:
+        auth = f"RAY_AUTH_MODE {mode}, token {token or 'none (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)'}"
+        ray_says = str(e.__cause__ or e).strip().splitlines()[-1]  # the root cause, under Ray's wrappers
+        if "InvalidAuthToken" in ray_says:
+            raise ConnectionError(
+                f"Ray cluster at {cluster} refused this engine's authentication ({auth}): the cluster runs with token "
+                f"auth (its head had RAY_AUTH_MODE=token, or found ~/.ray/auth_token at `ray start`, perhaps left "
+                f"by an earlier local Ray instance); set RAY_AUTH_MODE=token and the cluster's token here, or "
+                f"start the cluster with RAY_AUTH_MODE=disabled") from None
+        raise ConnectionError(f"Cannot join the Ray cluster at {cluster} ({auth}): {ray_says}") from None

@@ -1,0 +1,142 @@
+"""The plugin on Model Runner V2, vLLM's default on CUDA, run here on CPU through Triton's interpreter.
+
+``tests/mrv2/sitecustomize.py`` switches every process of a job to V2 (``conftest.V2_ENV``). The interpreter runs
+each Triton kernel in Python, so these are correctness runs on a few short requests; their timings mean nothing.
+Two engines serve every test here:
+- ``v2_strict``: greedy held-out and thinking prompts, with chunked prefill (a 64-token budget) and a cache small
+  enough to preempt;
+- ``v2_relaxed``: the thinking prompts opted in to relaxed acceptance, between two copies of a seeded sampled
+  request;
+and one short upstream V2 run (plugins off) of the seeded request alone.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_mtp_gemma4.bench.job import Job, JobResult, run_job
+from vllm_mtp_gemma4.config import THINKING_CLOSE, THINKING_OPEN
+from vllm_mtp_gemma4.ops import thinking_after
+
+from .conftest import ENGINE, TARGET, THINKING_TOKENS, V2_ENV, mtp_config, thinking_prompts
+
+pytestmark = pytest.mark.engine
+HELD_OUT = 6
+HELD_OUT_TOKENS = 48  # past the first 128-token KV block, so the small cache must preempt
+THINKING = 8
+V2_THINKING_TOKENS = 96
+assert V2_THINKING_TOKENS <= THINKING_TOKENS
+SEEDED = {"temperature": 0.8, "seed": 1234, "max_tokens": 24}
+TOP_N, DELTA = 10, 0.6
+SPEC = {**mtp_config(3), "vllm_mtp_gemma4": {"relaxed_topk": TOP_N, "relaxed_delta": DELTA}}
+
+
+@pytest.fixture(scope="module")
+def v2_strict(held_out_prompts) -> JobResult:
+    prompts = held_out_prompts[:HELD_OUT] + thinking_prompts()[:THINKING]
+    sampling = ([{"temperature": 0.0, "max_tokens": HELD_OUT_TOKENS}] * HELD_OUT
+                + [{"temperature": 0.0, "max_tokens": V2_THINKING_TOKENS}] * THINKING)
+    engine = {**ENGINE, "speculative_config": SPEC, "max_num_batched_tokens": 64, "enable_chunked_prefill": True,
+              "max_model_len": 384, "num_gpu_blocks_override": 14}
+    return run_job(Job(engine=engine, prompts=prompts, sampling=sampling, env=V2_ENV))
+
+
+@pytest.fixture(scope="module")
+def v2_relaxed(held_out_prompts) -> JobResult:
+    prompts = [held_out_prompts[9]] + thinking_prompts()[:THINKING] + [held_out_prompts[9]]
+    relaxed = {"temperature": 0.0, "max_tokens": V2_THINKING_TOKENS, "extra_args": {"relaxed_acceptance": True}}
+    return run_job(Job(engine={**ENGINE, "speculative_config": SPEC}, prompts=prompts,
+                       sampling=[SEEDED] + [relaxed] * THINKING + [SEEDED], env=V2_ENV))
+
+
+@pytest.fixture(scope="module")
+def upstream_v2_seeded(held_out_prompts) -> JobResult:
+    return run_job(Job(engine={**ENGINE, "speculative_config": mtp_config(3)}, prompts=[held_out_prompts[9]],
+                       sampling=SEEDED, env=V2_ENV, plugins=False))
+
+
+def phase_length(result: JobResult, phase: str) -> float:
+    steps = result.metrics[f"vllm:mtp_gemma4_spec_steps{{phase={phase}}}"]
+    assert steps > 0, f"no speculative steps in the {phase} phase"
+    return 1 + result.metrics[f"vllm:mtp_gemma4_accepted_tokens{{phase={phase}}}"] / steps
+
+
+def test_v2_runs_the_plugin_not_the_v1_runner(v2_strict):
+    log = v2_strict.log
+    assert "Using V2 Model Runner" in log
+    assert "vllm-mtp-gemma4: Model Runner V2" in log and "fused step: off (V2's own step)" in log
+    assert "vllm_mtp_gemma4.models.gemma4_mtp.Gemma4MTP loaded: projections replicated" in log
+    assert "relaxed acceptance on Model Runner V2" in log
+    assert "Gemma4MTPProposer" not in log and "fused target-verify step on" not in log  # V1's pieces
+    info = "vllm:mtp_gemma4_proposer_info"  # reported by the worker that drafts
+    assert v2_strict.metrics.get(f"{info}{{runner=V2}}") == 1
+    assert v2_strict.metrics.get(f"{info}{{drafter=Gemma4Speculator}}") == 1
+    assert v2_strict.metrics.get(f"{info}{{assistant=vllm_mtp_gemma4.models.gemma4_mtp.Gemma4MTP}}") == 1
+
+
+def test_v2_greedy_is_token_identical_with_chunked_prefill_and_preemption(v2_strict, plain_greedy, plain_thinking):
+    assert v2_strict.metrics.get("vllm:num_preemptions", 0) > 0, "the small cache did not preempt"
+    held_out = v2_strict.token_ids[:HELD_OUT]
+    assert held_out == [t[:HELD_OUT_TOKENS] for t in plain_greedy.token_ids[:HELD_OUT]]
+    thinking = v2_strict.token_ids[HELD_OUT:HELD_OUT + THINKING]
+    assert thinking == [t[:V2_THINKING_TOKENS] for t in plain_thinking.token_ids[:THINKING]]
+    assert v2_strict.spec.mean_acceptance_length > 1.5
+
+
+def test_v2_seeded_sampling_does_not_depend_on_the_batch_and_stays_v2s(v2_relaxed, upstream_v2_seeded):
+    """A seeded sampled request first and last in a batch of relaxed ones, and alone on upstream V2: the same tokens,
+    so the plugin leaves V2's own sampling (Gumbel noise keyed by seed and position) as it is outside thinking."""
+    first, last = v2_relaxed.token_ids[0], v2_relaxed.token_ids[-1]
+    assert first == last == upstream_v2_seeded.token_ids[0]
+    assert len(set(first)) > 3
+
+
+def test_v2_phase_metrics_agree_with_the_tokens(v2_strict, v2_relaxed):
+    """Every committed token after a request's first is one speculative step's, accepted or not."""
+    for result in (v2_strict, v2_relaxed):
+        counted = sum(result.metrics[f"vllm:mtp_gemma4_{name}{{phase={phase}}}"]
+                      for name in ("spec_steps", "accepted_tokens") for phase in ("thinking", "answer"))
+        assert counted == result.generated_tokens - len(result.token_ids)
+
+
+def test_v2_relaxed_acceptance_is_longer_inside_thinking(v2_strict, v2_relaxed):
+    strict, relaxed = phase_length(v2_strict, "thinking"), phase_length(v2_relaxed, "thinking")
+    print(f"\nV2 mean acceptance length inside thinking: strict {strict:.3f}, relaxed {relaxed:.3f}")
+    assert relaxed > strict + 0.1
+    assert v2_relaxed.token_ids[1:-1] != v2_strict.token_ids[HELD_OUT:HELD_OUT + THINKING]
+
+
+@pytest.fixture(scope="module")
+def relaxed_scored(v2_relaxed) -> tuple[list[list[int]], JobResult]:
+    """The target's raw log-probabilities (top 20) at every token of prompt + relaxed output, by plain decoding."""
+    sequences = [p + out for p, out in zip(thinking_prompts()[:THINKING], v2_relaxed.token_ids[1:-1])]
+    scored = run_job(Job(engine=ENGINE, prompts=sequences,
+                         sampling={"temperature": 0.0, "max_tokens": 1, "prompt_logprobs": 20}))
+    return sequences, scored
+
+
+def test_v2_relaxed_tokens_obey_the_rule(relaxed_scored):
+    """Inside thinking each committed token is among the target's top N with p >= p_top1 - delta (the closing
+    marker and EOS only as the argmax); outside thinking each is the argmax."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TARGET)
+    open_id, close_id = tok.convert_tokens_to_ids(THINKING_OPEN), tok.convert_tokens_to_ids(THINKING_CLOSE)
+    strict_ids = {close_id, tok.eos_token_id, *json.loads((TARGET / "config.json").read_text())["eos_token_id"]}
+    sequences, scored = relaxed_scored
+    relaxed_only = 0
+    for prompt, sequence, logprobs in zip(thinking_prompts(), sequences, scored.prompt_logprobs):
+        for i in range(len(prompt), len(sequence)):
+            token, top = sequence[i], logprobs[i]
+            best = max(top.values())
+            is_argmax = top.get(token) == best
+            if thinking_after(False, sequence[:i], open_id, close_id) and token not in strict_ids:
+                assert token in top, (i, token)
+                rank = sum(lp > top[token] + 1e-6 for lp in top.values())
+                assert rank < TOP_N and 2.718281828 ** top[token] >= 2.718281828 ** best - DELTA - 1e-4, (i, token)
+                relaxed_only += not is_argmax
+            else:
+                assert is_argmax, (i, token, top.get(token), best)
+    assert relaxed_only > 0, "no token needed the relaxed rule"
