@@ -7,7 +7,7 @@ Two engines serve every test here:
   enough to preempt;
 - ``v2_relaxed``: the thinking prompts opted in to relaxed acceptance, between two copies of a seeded sampled
   request;
-and one short upstream V2 run (plugins off) of the seeded request alone.
+and one short upstream V2 run (plugins off) of the seeded request alone, and one TP=2 run.
 """
 
 from __future__ import annotations
@@ -140,3 +140,16 @@ def test_v2_relaxed_tokens_obey_the_rule(relaxed_scored):
             else:
                 assert is_argmax, (i, token, top.get(token), best)
     assert relaxed_only > 0, "no token needed the relaxed rule"
+
+
+def test_v2_tp2_greedy_is_token_identical_with_the_local_argmax(held_out_prompts, plain_greedy):
+    """TP=2 (``mp``, one core per rank) on V2: the plugin turns ``use_local_argmax_reduction`` on, so V2's
+    speculator drafts through the plugin's assistant's ``get_top_tokens`` (vLLM's asserts on a dense head)."""
+    result = run_job(Job(engine={**ENGINE, "speculative_config": SPEC, "tensor_parallel_size": 2,
+                                 "distributed_executor_backend": "mp"},
+                         prompts=held_out_prompts[:4], sampling={"temperature": 0.0, "max_tokens": 32},
+                         env={**V2_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}))
+    assert "Using V2 Model Runner" in result.log and "draft argmax: vocab-parallel local" in result.log
+    assert "Using local argmax reduction for draft token generation" in result.log
+    assert result.token_ids == [t[:32] for t in plain_greedy.token_ids[:4]]
+    assert result.spec.mean_acceptance_length > 1.5

@@ -156,7 +156,7 @@ def test_draft_tensor_parallel_size_must_match_the_target():
 @pytest.mark.engine
 @pytest.mark.parametrize("case", ["unknown key", "K below 1", "backbone mismatch", "malformed JSON",
                                   "target not Gemma 4", "relaxed delta out of range", "draft TP mismatch",
-                                  "async scheduling on V1", "adaptive K on V2", "fused on V2"])
+                                  "async scheduling on V1", "adaptive K on V2", "fused on V2", "--spec-* flags"])
 def test_vllm_serve_exits_with_one_line(case, tmp_path):
     cases = {**bad_cases(tmp_path), "draft TP mismatch": (
         str(TARGET), json.dumps({**GOOD, "draft_tensor_parallel_size": 1, SECTION: {}}),
@@ -166,15 +166,19 @@ def test_vllm_serve_exits_with_one_line(case, tmp_path):
         "adaptive K on V2": (str(TARGET), json.dumps({**GOOD, SECTION: {"adaptive_k": True}}),
                              f"{SECTION}.adaptive_k: not available on Model Runner V2"),
         "fused on V2": (str(TARGET), json.dumps({**GOOD, SECTION: {"fused": True}}),
-                        f"{SECTION}.fused: the plugin's fused step runs on Model Runner V1 only")}
+                        f"{SECTION}.fused: the plugin's fused step runs on Model Runner V1 only"),
+        # vLLM's own flags go through the same resolution: here the draft is the target, not an assistant.
+        "--spec-* flags": (str(TARGET), None, "is not a Gemma 4 assistant")}
     target, text, fragment = cases[case]
     path = tmp_path / "mtp.json"
-    path.write_text(text)
+    path.write_text(text or "")
+    spec = ["--speculative-config", str(path)] if text else ["--spec-method", "mtp", "--spec-model", target,
+                                                             "--spec-tokens", "3"]
     vllm = Path(sys.executable).parent / "vllm"
     extra = {"draft TP mismatch": ["--tensor-parallel-size", "2"], "async scheduling on V1": ["--async-scheduling"]}
     env = {**os.environ, **V2_ENV} if case.endswith("on V2") else None
-    proc = subprocess.run([str(vllm), "serve", target, "--speculative-config", str(path), "--port", "0",
-                           *extra.get(case, [])], capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
+    proc = subprocess.run([str(vllm), "serve", target, *spec, "--port", "0", *extra.get(case, [])],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = [line for line in output.splitlines() if line.startswith("error:")]
