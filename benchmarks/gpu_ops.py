@@ -6,10 +6,13 @@
 Needs only torch and this package's ``ops`` (no vLLM import), so it runs where vLLM cannot be installed.
 For vocab 262,144 and hidden 5,376, B in {1, 8, 64} and K in {1, 4, 7}, it builds one step's inputs on the
 CPU from a fixed seed (half the rows greedy, half sampled at T=0.8, top-k 64, top-p 0.9, rows in a thinking
-block relaxed) and runs verify (greedy, sampled, relaxed in one ``verify_step``), merge and shift:
+block relaxed) and runs verify (greedy, sampled, relaxed in one ``verify_step``), merge and shift (V1's fused
+step), and the V2 relaxed-acceptance logits processor's ops on the same rows flattened (thinking state from a
+2,048-token history, the relaxed rule, forcing):
 - parity: the same step on the CPU and on the device, token for token;
 - time: the step eager op by op (the unfused reference) against the same step under ``torch.compile``
-  with CUDA graphs (``mode="reduce-overhead"``), as a ratio.
+  with CUDA graphs (``mode="reduce-overhead"``), as a ratio; the V2 processor's ops, eager; and the inverse-CDF
+  draw alone in float64 (what runs) against float32 (what it replaced), for the cost of exact tail draws.
 Writes JSON (date, device, figures) to ``--out``.
 """
 
@@ -23,9 +26,25 @@ from pathlib import Path
 
 import torch
 
-from vllm_mtp_gemma4.ops import RelaxedInputs, SamplingTensors, merge_drafts, next_tokens, shift_for_draft, verify_step
+from vllm_mtp_gemma4.ops import (
+    RelaxedInputs,
+    SamplingTensors,
+    force_tokens,
+    merge_drafts,
+    next_tokens,
+    process_logits,
+    relaxed_accepts,
+    sample_from_probs,
+    shift_for_draft,
+    strict_only,
+    thinking_at_lengths,
+    thinking_flags_ragged,
+    uniform_noise,
+    verify_step,
+)
 
-OPEN_THINKING, RELAXED_TOP_N, RELAXED_DELTA = 7, 10, 0.6
+OPEN_THINKING, CLOSE_THINKING, RELAXED_TOP_N, RELAXED_DELTA = 7, 8, 10, 0.6
+HISTORY = 2048
 
 
 def make_inputs(batch: int, k: int, vocab: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -49,6 +68,8 @@ def make_inputs(batch: int, k: int, vocab: int, hidden: int, seed: int = 0) -> d
         "top_n": torch.full((batch,), RELAXED_TOP_N),
         "delta": torch.full((batch,), RELAXED_DELTA),
         "hidden": torch.randn(batch, k + 1, hidden, generator=gen).to(torch.bfloat16),
+        "strict_ids": torch.tensor([1, 6, CLOSE_THINKING]),
+        "history": torch.randint(0, 16, (batch * (k + 1), HISTORY), generator=gen),
     }
 
 
@@ -56,12 +77,40 @@ def step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Merge, verify and shift of one speculative step (the target and draft forwards excluded)."""
     merged, _ = merge_drafts(x["new_tokens"], x["offsets"], x["drafts"], x["num_drafts"])
     sampling = SamplingTensors(x["temperature"], x["top_k"], x["top_p"], x["min_p"], x["seed"])
-    relaxed = RelaxedInputs(x["in_thinking"][:, :-1], x["temperature"] > 0, x["top_n"], x["delta"])
+    relaxed = RelaxedInputs(x["in_thinking"][:, :-1], x["temperature"] > 0, x["top_n"], x["delta"], x["strict_ids"])
     verification = verify_step(x["logits"], x["drafts"], x["num_drafts"], sampling, x["positions"], relaxed)
     emitted = next_tokens(verification)
     rows = merged.view(x["drafts"].shape[0], -1)
     shifted, hidden = shift_for_draft(rows, verification.num_accepted, emitted, x["hidden"])
     return verification.num_accepted, emitted, shifted, hidden
+
+
+def v2_relaxed_step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """What ``worker/v2/relaxed.py`` runs per step on its rows: [B*(K+1)] logits rows, each judging the next."""
+    batch, width, vocab = x["logits"].shape
+    logits = x["logits"].reshape(-1, vocab).clone()
+    local = torch.arange(width).repeat(batch)
+    tokens = torch.cat([x["new_tokens"][:, None], x["drafts"]], 1).reshape(-1)
+    draft = torch.cat([tokens[1:], tokens.new_zeros(1)])
+    has_draft = torch.cat([local[1:] == local[:-1] + 1, torch.zeros(1, dtype=torch.bool)])
+    committed = torch.full_like(local, HISTORY - width) - local
+    start = thinking_at_lengths(x["history"], committed, OPEN_THINKING, CLOSE_THINKING)
+    row = torch.arange(tokens.shape[0])
+    thinking = thinking_flags_ragged(start, tokens, row - local, OPEN_THINKING, CLOSE_THINKING)
+    flagged = has_draft & thinking & ~strict_only(draft, x["strict_ids"])
+    top_n, delta = x["top_n"].repeat_interleave(width), x["delta"].repeat_interleave(width)
+    force_tokens(logits, flagged & relaxed_accepts(logits, draft, top_n, delta), draft)
+    return logits.argmax(-1), flagged
+
+
+def draw(x: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The inverse-CDF draw alone, its CDF summed in ``dtype``."""
+    probs = process_logits(x["logits"], x["temperature"], None, None, None)
+    uniforms = uniform_noise(x["seed"], x["positions"])
+    if dtype == torch.float64:
+        return sample_from_probs(probs, uniforms)
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (uniforms.float().unsqueeze(-1) * cdf[..., -1:])).squeeze(-1)
 
 
 def time_ms(fn, x: dict[str, torch.Tensor], device: torch.device, iters: int) -> float:
@@ -92,6 +141,7 @@ def main() -> None:
             cpu_inputs = make_inputs(batch, k, vocab, hidden)
             reference = step(cpu_inputs)
             x = {name: t.to(device) for name, t in cpu_inputs.items()}
+            v2_parity = all(torch.equal(a, b.cpu()) for a, b in zip(v2_relaxed_step(cpu_inputs), v2_relaxed_step(x)))
             on_device = [t.cpu() for t in step(x)]
             parity = {name: bool(torch.equal(a, b)) for name, a, b in
                       zip(("num_accepted", "next_tokens", "shifted_tokens", "hidden"), reference, on_device)}
@@ -100,7 +150,11 @@ def main() -> None:
             rows.append({"batch": batch, "k": k, "parity_with_cpu": parity,
                          "compiled_matches_eager": all(torch.equal(a, b) for a, b in zip(on_device, compiled_out)),
                          "unfused_ms": round(unfused, 4), "fused_ms": round(fused, 4),
-                         "speedup": round(unfused / fused, 2)})
+                         "speedup": round(unfused / fused, 2),
+                         "v2_relaxed_parity_with_cpu": v2_parity,
+                         "v2_relaxed_ms": round(time_ms(v2_relaxed_step, x, device, args.iters), 4),
+                         "draw_float64_ms": round(time_ms(lambda y: draw(y, torch.float64), x, device, args.iters), 4),
+                         "draw_float32_ms": round(time_ms(lambda y: draw(y, torch.float32), x, device, args.iters), 4)})
             print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

@@ -6,7 +6,7 @@ Two engines serve every test here:
 - ``v2_strict``: greedy held-out and thinking prompts, with chunked prefill (a 64-token budget) and a cache small
   enough to preempt;
 - ``v2_relaxed``: the thinking prompts opted in to relaxed acceptance, between two copies of a seeded sampled
-  request;
+  request, with a 32-token prefill budget (every prompt prefills in chunks);
 and one short upstream V2 run (plugins off) of the seeded request alone, and one TP=2 run.
 """
 
@@ -47,8 +47,9 @@ def v2_strict(held_out_prompts) -> JobResult:
 def v2_relaxed(held_out_prompts) -> JobResult:
     prompts = [held_out_prompts[9]] + thinking_prompts()[:THINKING] + [held_out_prompts[9]]
     relaxed = {"temperature": 0.0, "max_tokens": V2_THINKING_TOKENS, "extra_args": {"relaxed_acceptance": True}}
-    return run_job(Job(engine={**ENGINE, "speculative_config": SPEC}, prompts=prompts,
-                       sampling=[SEEDED] + [relaxed] * THINKING + [SEEDED], env=V2_ENV))
+    engine = {**ENGINE, "speculative_config": SPEC, "max_num_batched_tokens": 32, "enable_chunked_prefill": True}
+    return run_job(Job(engine=engine, prompts=prompts, sampling=[SEEDED] + [relaxed] * THINKING + [SEEDED],
+                       env=V2_ENV))
 
 
 @pytest.fixture(scope="module")

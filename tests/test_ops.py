@@ -111,7 +111,7 @@ def _reference_noise(seed: int, counter: int, stream: int) -> float:
     for word in (seed & mask, (seed >> 32) & mask, counter & mask, (counter >> 32) & mask, stream):
         a = mix(((a ^ word) + 0x9E3779B9) & mask, 0x7FEB352D, 0x846CA68B, 15)
         b = mix(((b ^ word) + a) & mask, 0x85EBCA6B, 0xC2B2AE35, 13)
-    return (((a ^ b) >> 9) * 2 + 1) / 2**24
+    return (((a << 21) | (b >> 11)) + 1) / 2**53
 
 
 def test_noise_matches_the_reference_hash_without_int64_overflow():
@@ -119,8 +119,38 @@ def test_noise_matches_the_reference_hash_without_int64_overflow():
     counters = [0, 1, 2**31, 2**40 + 5]
     got = uniform_noise(t(seeds), t(counters).expand(len(seeds), -1), stream=3)
     want = [[_reference_noise(s, c, 3) for c in counters] for s in seeds]
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float64
     assert got.tolist() == want
+
+
+def test_a_token_far_below_float32_resolution_owns_exactly_its_interval():
+    """p = 1e-12 between two halves: its CDF interval is 1e-12 wide, far below float32's step at 0.5 (6e-8), so a
+    float32 CDF (or float32 uniforms) could never draw it, or would draw it 1e5 times too often. In float64 the
+    uniforms inside its interval, and only those, draw it; and the noise carries 53 bits to land there."""
+    probs = t([0.5, 1e-12, 0.5 - 1e-12], torch.float64)
+    inside = t([0.5 + 1e-13, 0.5 + 9e-13], torch.float64)
+    outside = t([0.5 - 1e-13, 0.5 + 1.1e-12], torch.float64)
+    assert sample_from_probs(probs, inside).tolist() == [1, 1]
+    assert sample_from_probs(probs, outside).tolist() == [0, 2]
+    noise = uniform_noise(t([3]), torch.arange(10_000)[None])[0]
+    steps = noise * 2**53
+    assert torch.equal(steps, steps.round()) and (steps >= 1).all() and (noise <= 1).all()
+    assert ((noise * 2**32) % 1 > 0).float().mean() > 0.99  # bits beyond float32's 24 vary
+
+
+def test_draws_in_the_tail_of_a_262k_vocabulary_keep_its_share():
+    """Gemma 4's vocabulary: 250,000 tokens of p = 8e-8 each (2% of the mass) after 144 likely ones. Over 400,000
+    counter-based draws the tail's share is 2% within 5 standard errors (0.0011)."""
+    vocab, tail, p_tail = 262_144, 250_000, 8e-8
+    probs = torch.zeros(vocab, dtype=torch.float32)
+    probs[vocab - tail:] = p_tail
+    probs[:vocab - tail] = (1 - tail * p_tail) / (vocab - tail)
+    draws = 400_000
+    uniforms = uniform_noise(t([7]), torch.arange(draws)[None])[0]
+    tokens = sample_from_probs(probs, uniforms)  # one distribution, every uniform
+    share = (tokens >= vocab - tail).double().mean().item()
+    standard_error = (tail * p_tail * (1 - tail * p_tail) / draws) ** 0.5
+    assert abs(share - tail * p_tail) < 5 * standard_error, share
 
 
 def test_noise_is_independent_of_batch_composition_and_order():

@@ -26,7 +26,9 @@ class SamplingTensors(NamedTuple):
 
 
 def uniform_noise(seed: Tensor, counter: Tensor, stream: int = 0) -> Tensor:
-    """Float32 uniforms in (0, 1) that depend only on (seed, counter, stream), never on the batch around them.
+    """Float64 uniforms in (0, 1] with 53 random bits that depend only on (seed, counter, stream), never on the batch
+    around them. 53 bits (not float32's 23) because a token of probability below 2**-23 must still be drawn with its
+    own probability, at Gemma 4's vocabulary of 262,144.
 
     seed[B] is broadcast over the trailing dims of counter[B, ...] (int64, e.g. the absolute position of the token
     being drawn). ``stream`` separates independent uses at the same position (a draw vs. an accept test).
@@ -42,8 +44,8 @@ def uniform_noise(seed: Tensor, counter: Tensor, stream: int = 0) -> Tensor:
     for word in words:
         a = _lowbias32(((a ^ word) + _GOLDEN32) & _MASK32)
         b = _fmix32(((b ^ word) + a) & _MASK32)
-    # 23 random bits as odd multiples of 2**-24: exact in float32, never 0 or 1.
-    return (((a ^ b) >> 9) * 2 + 1).float() * 2.0**-24
+    # 53 random bits (32 from one lane, 21 from the other) as multiples of 2**-53 in (0, 1]: exact in float64, never 0.
+    return (((a << 21) | (b >> 11)) + 1).double() * 2.0**-53
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
@@ -129,9 +131,10 @@ def sample_from_probs(probs: Tensor, uniforms: Tensor) -> Tensor:
     """Inverse-CDF draw: int64 tokens[...] from unnormalized probs[..., V] and uniforms[...] in (0, 1].
 
     The left search returns the first token whose CDF reaches ``u * total``; since u > 0, a token of probability
-    zero is never drawn.
+    zero is never drawn. The CDF is summed in float64: in float32 its step near 1 is 6e-8, so at V = 262,144 tokens
+    of probability below about 1e-7 would be drawn with the wrong probability (0 or one step).
     """
-    cdf = probs.float().cumsum(-1)
+    cdf = probs.double().cumsum(-1)
     return torch.searchsorted(cdf, uniforms.unsqueeze(-1) * cdf[..., -1:]).squeeze(-1)
 
 
