@@ -4,11 +4,11 @@
     python benchmarks/gpu_ops.py --device cpu --small     # smoke run of the script itself, anywhere
 
 Needs only torch and this package's ``ops`` (no vLLM import), so it runs where vLLM cannot be installed.
-For vocab 262,144 and hidden 5,376, B in {1, 8, 64} and K in {1, 4, 7}, it builds one step's inputs on the
+For vocab 262,144, B in {1, 8, 64} and K in {1, 4, 7}, it builds one step's inputs on the
 CPU from a fixed seed (half the rows greedy, half sampled at T=0.8, top-k 64, top-p 0.9, rows in a thinking
-block relaxed) and runs verify (greedy, sampled, relaxed in one ``verify_step``), merge and shift (V1's fused
-step), and the V2 relaxed-acceptance logits processor's ops on the same rows flattened (thinking state from a
-2,048-token history, the relaxed rule, forcing):
+block relaxed) and runs V1's fused verification (thinking flags, then greedy, sampled and relaxed rows in one
+``verify_step``, then the accepted rows), and the V2 relaxed-acceptance logits processor's ops on the same rows
+flattened (thinking state from a 2,048-token history, the relaxed rule, forcing):
 - parity: the same step on the CPU and on the device, token for token;
 - time: the step eager op by op (the unfused reference) against the same step under ``torch.compile``
   with CUDA graphs (``mode="reduce-overhead"``), as a ratio; the V2 processor's ops, eager; and the inverse-CDF
@@ -29,15 +29,14 @@ import torch
 from vllm_mtp_gemma4.ops import (
     RelaxedInputs,
     SamplingTensors,
+    accepted_rows,
     force_tokens,
-    merge_drafts,
-    next_tokens,
     process_logits,
     relaxed_accepts,
     sample_from_probs,
-    shift_for_draft,
     strict_only,
     thinking_at_lengths,
+    thinking_flags,
     thinking_flags_ragged,
     uniform_noise,
     verify_step,
@@ -47,14 +46,13 @@ OPEN_THINKING, CLOSE_THINKING, RELAXED_TOP_N, RELAXED_DELTA = 7, 8, 10, 0.6
 HISTORY = 2048
 
 
-def make_inputs(batch: int, k: int, vocab: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(batch: int, k: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, k + 1, vocab, generator=gen) * 4
     noisy = logits[:, :k] + torch.randn(batch, k, vocab, generator=gen) * 2
     greedy = torch.arange(batch) % 2 == 0
     return {
         "new_tokens": torch.randint(0, vocab, (batch,), generator=gen),
-        "offsets": torch.arange(batch + 1, dtype=torch.int32),
         "logits": logits,
         "drafts": noisy.argmax(-1),  # drafts that agree with the target often, not always
         "num_drafts": torch.full((batch,), k),
@@ -67,22 +65,19 @@ def make_inputs(batch: int, k: int, vocab: int, hidden: int, seed: int = 0) -> d
         "in_thinking": (torch.arange(batch) % 4 == 1)[:, None].expand(batch, k + 1).clone(),
         "top_n": torch.full((batch,), RELAXED_TOP_N),
         "delta": torch.full((batch,), RELAXED_DELTA),
-        "hidden": torch.randn(batch, k + 1, hidden, generator=gen).to(torch.bfloat16),
         "strict_ids": torch.tensor([1, 6, CLOSE_THINKING]),
         "history": torch.randint(0, 16, (batch * (k + 1), HISTORY), generator=gen),
     }
 
 
 def step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Merge, verify and shift of one speculative step (the target and draft forwards excluded)."""
-    merged, _ = merge_drafts(x["new_tokens"], x["offsets"], x["drafts"], x["num_drafts"])
+    """V1's verification of one speculative step (``worker/v1/verifier.py``; the forwards excluded)."""
+    merged = torch.cat([x["new_tokens"][:, None], x["drafts"]], 1)
+    in_thinking = thinking_flags(x["in_thinking"][:, 0], merged[:, :-1], OPEN_THINKING, CLOSE_THINKING)
     sampling = SamplingTensors(x["temperature"], x["top_k"], x["top_p"], x["min_p"], x["seed"])
-    relaxed = RelaxedInputs(x["in_thinking"][:, :-1], x["temperature"] > 0, x["top_n"], x["delta"], x["strict_ids"])
+    relaxed = RelaxedInputs(in_thinking, x["temperature"] > 0, x["top_n"], x["delta"], x["strict_ids"])
     verification = verify_step(x["logits"], x["drafts"], x["num_drafts"], sampling, x["positions"], relaxed)
-    emitted = next_tokens(verification)
-    rows = merged.view(x["drafts"].shape[0], -1)
-    shifted, hidden = shift_for_draft(rows, verification.num_accepted, emitted, x["hidden"])
-    return verification.num_accepted, emitted, shifted, hidden
+    return verification.num_accepted, accepted_rows(x["drafts"], verification)
 
 
 def v2_relaxed_step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -128,23 +123,23 @@ def time_ms(fn, x: dict[str, torch.Tensor], device: torch.device, iters: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--small", action="store_true", help="vocab 4,096 and hidden 256: a smoke run")
+    ap.add_argument("--small", action="store_true", help="vocab 4,096: a smoke run")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_ops.json"))
     args = ap.parse_args()
     device = torch.device(args.device)
-    vocab, hidden = (4096, 256) if args.small else (262_144, 5_376)
+    vocab = 4096 if args.small else 262_144
     compiled = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)
     rows = []
     for batch in (1, 8, 64):
         for k in (1, 4, 7):
-            cpu_inputs = make_inputs(batch, k, vocab, hidden)
+            cpu_inputs = make_inputs(batch, k, vocab)
             reference = step(cpu_inputs)
             x = {name: t.to(device) for name, t in cpu_inputs.items()}
             v2_parity = all(torch.equal(a, b.cpu()) for a, b in zip(v2_relaxed_step(cpu_inputs), v2_relaxed_step(x)))
             on_device = [t.cpu() for t in step(x)]
             parity = {name: bool(torch.equal(a, b)) for name, a, b in
-                      zip(("num_accepted", "next_tokens", "shifted_tokens", "hidden"), reference, on_device)}
+                      zip(("num_accepted", "accepted_rows"), reference, on_device)}
             compiled_out = [t.cpu() for t in compiled(x)]
             unfused, fused = time_ms(step, x, device, args.iters), time_ms(compiled, x, device, args.iters)
             rows.append({"batch": batch, "k": k, "parity_with_cpu": parity,
@@ -160,7 +155,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "vocab": vocab, "hidden": hidden, "rows": rows,
+        "torch": torch.__version__, "vocab": vocab, "rows": rows,
     }, indent=2) + "\n")
 
 

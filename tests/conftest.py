@@ -14,14 +14,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from vllm_mtp_gemma4.bench.job import Job, JobResult, run_job
-from vllm_mtp_gemma4.checkpoint import FIXTURE_DIR
 from vllm_mtp_gemma4.config import THINKING_CLOSE
 
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE_DIR = REPO / "fixtures" / "gemma4-tiny"
 TARGET = FIXTURE_DIR / "target"
 ASSISTANT = FIXTURE_DIR / "assistant"
 ASSISTANT_CENTROIDS = FIXTURE_DIR / "assistant-centroids"
 GREEDY_TOKENS = 64
-REPO = Path(__file__).resolve().parent.parent
 # Model Runner V2 through Triton's interpreter (``tests/mrv2/sitecustomize.py``), for every process of a job.
 V2_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "1", "TRITON_INTERPRET": "1",
           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "mrv2"), str(REPO),

@@ -139,6 +139,8 @@ def test_one_host_read_per_fused_step(counted_run):
     (counters,) = counted_run.worker_counters
     assert counters["fused"] is True and counters["steps"] > 20
     assert counters["host_reads"] == {"to": counters["steps"]}  # the packed read, and nothing else
+    # The phases are timed inside the step: they never add up to more than the generate() calls took.
+    assert 0 < sum(counters["phase_seconds"].values()) < sum(counted_run.seconds)
     assert all(seconds > 0 for seconds in counters["phase_seconds"].values())
 
 
@@ -231,10 +233,19 @@ def test_unfused_config_defers_to_vllms_step(plain_greedy, held_out_prompts):
     assert result.spec.mean_acceptance_length > 2.0
 
 
-def test_plain_decoding_with_the_plugin_survives_seeded_chunked_prefill(seeded_matrix):
-    """Without speculation the plugin leaves vLLM's step alone but rewinds CPU generators by saving their state,
-    so the same workload that kills upstream completes."""
+def test_unfused_plugin_engine_survives_seeded_chunked_prefill(seeded_matrix):
+    """With ``fused: false`` the plugin's engine keeps vLLM's step but rewinds CPU generators by saving their state,
+    so the workload that kills upstream completes."""
     prompts, sampling = seeded_matrix
-    result = run_job(Job(engine={**MATRIX_ENGINE, **SMALL_CACHE}, prompts=prompts, sampling=sampling))
+    spec = {**mtp_config(3), "vllm_mtp_gemma4": {"fused": False}}
+    result = run_job(Job(engine={**MATRIX_ENGINE, **SMALL_CACHE, "speculative_config": spec}, prompts=prompts,
+                         sampling=sampling))
     assert len(result.token_ids) == len(prompts) and all(r in ("length", "stop") for r in result.finish_reasons)
     assert result.metrics.get("vllm:num_preemptions", 0) > 0
+
+
+def test_an_engine_without_the_plugins_config_runs_vllms_own_runner(held_out_prompts, plain_greedy):
+    result = run_job(Job(engine=ENGINE, prompts=held_out_prompts[:2], sampling={"temperature": 0.0, "max_tokens": 8},
+                         worker_counters=True))
+    assert [c["runner"] for c in result.worker_counters] == ["CPUModelRunner"]
+    assert result.token_ids == [t[:8] for t in plain_greedy.token_ids[:2]]

@@ -6,6 +6,11 @@ unseeded request is a hash of its request id, never process-local randomness.
 The Ray tests start a real one-node cluster on loopback (``tests/ray_cluster.py``) with two ``vllm_cpu`` units,
 and check that nothing of it is left running afterwards. They run with a stale ``~/.ray/auth_token`` in place, as
 an earlier local Ray instance leaves it (issue 18), and check that nothing is left in ``~/.ray`` either.
+
+The two-node tests (issue 17) run the README's multi-node example on a head and a worker node in network namespaces
+joined by a veth pair (``TwoNodes``), one ``vllm_cpu`` each, with the shipped ``configs/mtp.json`` read from the
+repository root as a user would: TP=2 and PP=2 across the nodes, a checkpoint missing on the worker node, and the
+worker node lost mid-generation (last: it ends the cluster's worker node).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,8 +29,8 @@ import pytest
 from vllm_mtp_gemma4.bench.job import Job, JobFailed, JobResult, first_error, run_job
 from vllm_mtp_gemma4.worker.ray_cpu import RAY_CPU_RESOURCE
 
-from .conftest import ASSISTANT_CENTROIDS, ENGINE, mtp_config
-from .ray_cluster import ISOLATED, RAY_PORT, RayCluster
+from .conftest import ASSISTANT, ASSISTANT_CENTROIDS, ENGINE, REPO, mtp_config
+from .ray_cluster import ISOLATED, RAY_PORT, WORKER_IP, RayCluster, TwoNodes
 
 pytestmark = pytest.mark.engine
 SPEC = {**mtp_config(3), "vllm_mtp_gemma4": {}}
@@ -248,4 +254,154 @@ def test_ray_cluster_leaves_nothing_running(ray_cluster, stale_ray_token):
     assert ray_cluster.processes() == []
     planted = set() if stale_ray_token and RAY_TOKEN in stale_ray_token else {RAY_TOKEN}
     assert _restore_ray_home(stale_ray_token) - {RAY_HOME} == planted  # the Ray runs added nothing to ~/.ray
+    assert _ray_home() == stale_ray_token
+
+
+# The README's example: `vllm serve <model> --speculative-config mtp.json --tensor-parallel-size 2
+# --distributed-executor-backend ray`, from the repository root, where the shipped mtp.json's relative draft path holds.
+SHIPPED_MTP_JSON = "configs/mtp.json"
+HEAD_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0"}  # each node's rank on its own core of this 2-core machine
+WORKER_NODE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "1"}  # the node's own value wins over the driver's
+
+
+@pytest.fixture(scope="module")
+def two_nodes(stale_ray_token):
+    _require_namespaces()
+    nodes = TwoNodes({RAY_CPU_RESOURCE: 1}, worker_env=WORKER_NODE_ENV)
+    yield nodes
+    nodes.stop()
+
+
+def _on_head(nodes: TwoNodes) -> list[str]:
+    return [*nodes.head.launcher, f"--wd={REPO}"]
+
+
+def _run_measured(nodes: TwoNodes, job: Job) -> tuple[JobResult, int]:
+    """``run_job`` on the head, and the bytes that crossed the veth pair while it generated.
+
+    Engine start moves data too (the profile run's collectives), so the samples are cut to the generate() calls:
+    the window of their length that ends where the job's traffic ends (shutdown after it is a few KB)."""
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append((time.monotonic(), nodes.bytes()))
+            done.wait(0.25)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = run_job(job, launcher=_on_head(nodes), timeout=600)
+    finally:
+        done.set()
+        sampler.join()
+    busy = [t for (t, b), (_, b0) in zip(samples[1:], samples) if b - b0 > 250_000]  # > 1 MB/s
+    end = busy[-1]
+    at = lambda t: min(samples, key=lambda s: abs(s[0] - t))[1]  # noqa: E731
+    return result, at(end) - at(end - sum(result.seconds))
+
+
+@pytest.fixture(scope="module")
+def tp2_two_nodes(held_out_prompts, two_nodes) -> tuple[JobResult, int]:
+    prompts, sampling = _workload(held_out_prompts)
+    engine = {**ENGINE, **TP2_RAY, "speculative_config": SHIPPED_MTP_JSON}
+    return _run_measured(two_nodes, Job(engine=engine, prompts=prompts, sampling=sampling,
+                                        env={**HEAD_ENV, **two_nodes.head.env}, worker_counters=True))
+
+
+def test_two_nodes_tp2_greedy_is_token_identical_to_tp1(tp1, tp2_two_nodes, plain_greedy):
+    result, _ = tp2_two_nodes
+    assert result.token_ids[:8] == tp1.token_ids[:8]
+    assert [t[:48] for t in plain_greedy.token_ids[:8]] == result.token_ids[:8]
+    assert len(result.worker_counters) == 2 and all(c["fused"] and c["steps"] > 0 for c in result.worker_counters)
+    assert "draft argmax vocab-parallel local" in result.log
+    # The TP group spans the nodes: gloo over the veth pair, never shared memory (each node has its own /dev/shm).
+    assert "CPU SHM communicator disabled for group tp" in result.log
+
+
+def test_two_nodes_tp2_seeded_sampling_matches_tp1(tp1, tp2_two_nodes):
+    assert tp2_two_nodes[0].token_ids[8:] == tp1.token_ids[8:]
+
+
+def test_two_nodes_bytes_per_token(tp2_two_nodes):
+    """What crosses the veth pair per generated token (README, "What the draft adds to inter-rank traffic")."""
+    result, moved = tp2_two_nodes
+    per_token = moved / result.generated_tokens
+    print(f"TP=2 across two nodes: {moved / 1e6:.1f} MB in {sum(result.seconds):.1f} s of generation, "
+          f"{result.generated_tokens} tokens, {per_token / 1e3:.1f} KB per generated token, "
+          f"acceptance length {result.spec.mean_acceptance_length:.2f}")
+    assert per_token > 100_000  # at least the target's logits gather crossed: the collectives ran on the veth
+
+
+def test_two_nodes_pp2(held_out_prompts, two_nodes, plain_greedy):
+    """PP=2 across the nodes with the plugin's MTP: the last stage drafts and verifies."""
+    engine = {**ENGINE, "pipeline_parallel_size": 2, "distributed_executor_backend": "ray",
+              "speculative_config": SHIPPED_MTP_JSON}
+    result = run_job(Job(engine=engine, prompts=held_out_prompts[:8], sampling={"temperature": 0.0, "max_tokens": 48},
+                         env={**HEAD_ENV, **two_nodes.head.env}), launcher=_on_head(two_nodes), timeout=600)
+    assert result.token_ids == [t[:48] for t in plain_greedy.token_ids[:8]]
+    assert result.spec.mean_acceptance_length > 1.5
+
+
+def test_draft_missing_on_the_worker_node_names_node_and_path(held_out_prompts, two_nodes, tmp_path):
+    """The draft's directory exists on the head only: one error naming the worker node and the path."""
+    hidden = tmp_path / "only-on-the-head"
+    hidden.mkdir()
+    subprocess.run([*two_nodes.worker.launcher, "mount", "-t", "tmpfs", "tmpfs", str(hidden)], check=True)
+    (hidden / "assistant").symlink_to(ASSISTANT)
+    spec = {**mtp_config(3, hidden / "assistant"), "vllm_mtp_gemma4": {}}
+    with pytest.raises(JobFailed) as failure:
+        run_job(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": spec}, prompts=held_out_prompts[:1],
+                    env={**HEAD_ENV, **two_nodes.head.env}), launcher=_on_head(two_nodes), timeout=300)
+    assert (f"speculative config 'model': {hidden / 'assistant'}: directory not found on Ray node {WORKER_IP}"
+            in failure.value.log), first_error(failure.value.log)
+
+
+def test_lost_worker_node_fails_the_engine_promptly(held_out_prompts, two_nodes, tp1):
+    """The worker node vanishes mid-generation (its link goes silent, then every process in its namespaces dies):
+    the engine fails within FAULT_REPORT_S naming the lost rank or node, and a new engine starts on the head."""
+    outcome: dict[str, object] = {}
+
+    def generate() -> None:
+        try:
+            run_job(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SHIPPED_MTP_JSON},
+                        prompts=held_out_prompts * 2,
+                        sampling={"temperature": 0.0, "max_tokens": 1024, "ignore_eos": True},
+                        env={**HEAD_ENV, **two_nodes.head.env}),
+                    launcher=_on_head(two_nodes), timeout=600)
+            outcome["error"] = None
+        except JobFailed as e:
+            outcome["error"] = e.log
+        outcome["ended"] = time.monotonic()
+
+    job = threading.Thread(target=generate)
+    job.start()
+    deadline = time.monotonic() + 300
+    while not two_nodes.worker.processes("CPURayWorkerProc.run") and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert two_nodes.worker.processes("CPURayWorkerProc.run"), "the worker node's rank never reached its busy loop"
+    time.sleep(10)  # generating by now
+    assert job.is_alive()
+    # No FIN, no RST: the link goes down first, as when a machine loses power; then its processes die.
+    subprocess.run(["ip", "-n", two_nodes.netns["worker"], "link", "set", two_nodes.veth["worker"], "down"],
+                   check=True)
+    two_nodes.worker.stop()
+    lost = time.monotonic()
+    job.join(timeout=FAULT_REPORT_S + 30)
+    assert not job.is_alive(), "the engine hung after the worker node was lost"
+    assert outcome["error"] is not None
+    error = outcome["error"]
+    print(f"engine failed {outcome['ended'] - lost:.1f} s after the node was lost: {first_error(error)}")
+    assert re.search(rf"rank=\[1\] died unexpectedly|{WORKER_IP}", error)
+    assert outcome["ended"] - lost < FAULT_REPORT_S
+    after = run_job(Job(engine={**ENGINE, "distributed_executor_backend": "ray", "speculative_config": SPEC},
+                        prompts=held_out_prompts[:8], sampling={"temperature": 0.0, "max_tokens": 48},
+                        env={**HEAD_ENV, **two_nodes.head.env}), launcher=_on_head(two_nodes), timeout=600)
+    assert after.token_ids == tp1.token_ids[:8]
+
+
+def test_two_nodes_leave_nothing_running(two_nodes, stale_ray_token):
+    two_nodes.stop()
+    assert two_nodes.left_behind() == []
     assert _ray_home() == stale_ray_token

@@ -12,8 +12,8 @@ import itertools
 import json
 import sys
 
+from vllm_mtp_gemma4.bench import FIXTURE_DIR
 from vllm_mtp_gemma4.bench.job import Job, run_job
-from vllm_mtp_gemma4.checkpoint import FIXTURE_DIR
 
 MAX_TOKENS = 64
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from vllm_mtp_gemma4.config import MTPConfigError, read_json_object
 
-FIXTURE_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "gemma4-tiny"
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1}
 
 
@@ -108,9 +107,10 @@ def check_checkpoint(directory: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    dirs = [Path(a) for a in (argv if argv is not None else sys.argv[1:])] or [
-        FIXTURE_DIR / "target", FIXTURE_DIR / "assistant", FIXTURE_DIR / "assistant-centroids"
-    ]
+    dirs = [Path(a) for a in (argv if argv is not None else sys.argv[1:])]
+    if not dirs:
+        print("usage: python -m vllm_mtp_gemma4.checkpoint DIR [DIR ...]", file=sys.stderr)
+        return 2
     for d in dirs:
         try:
             check_checkpoint(d)

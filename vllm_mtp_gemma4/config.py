@@ -257,6 +257,8 @@ def resolve(spec: dict[str, Any], target_model: str, allowed_keys: set[str]) -> 
     if not draft_name:
         raise MTPConfigError("speculative config: 'model' must name the Gemma 4 assistant checkpoint")
     draft = _model_config(draft_name, "speculative config 'model'")
+    if _is_local_path(draft_name):  # every rank, on any node and in any working directory, gets the same path
+        rest["model"] = str(Path(draft_name).expanduser().absolute())
     if draft.get("model_type") not in GEMMA4_ASSISTANT_TYPES:
         raise MTPConfigError(
             f"speculative config 'model': {draft_name}: model_type {draft.get('model_type')!r} is not a Gemma 4 "
@@ -297,11 +299,9 @@ def check_draft_parallelism(spec: dict[str, Any], tensor_parallel_size: int) -> 
         )
 
 
-def check_request_limits(n: int, logit_bias: dict[int, float] | None, max_num_seqs: int, vocab_size: int) -> None:
-    """Bounds vLLM leaves open: ``n`` beyond what one engine step can hold, and ``logit_bias`` naming tokens the
-    model does not have (vLLM itself clamps the values to OpenAI's [-100, 100])."""
-    if n > max_num_seqs:
-        raise MTPConfigError(f"n: must be <= {max_num_seqs} (the server's max_num_seqs), got {n}")
+def check_logit_bias(logit_bias: dict[int, float] | None, vocab_size: int) -> None:
+    """``logit_bias`` naming tokens the model does not have: vLLM 0.32 admits them, and the fused step, which applies
+    the bias itself, would index past the vocabulary (vLLM itself clamps the values to OpenAI's [-100, 100])."""
     outside = sorted(t for t in (logit_bias or {}) if not 0 <= t < vocab_size)
     if outside:
         raise MTPConfigError(f"logit_bias: {len(outside)} token id(s) outside the vocabulary (0..{vocab_size - 1}), "

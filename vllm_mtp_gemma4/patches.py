@@ -7,11 +7,11 @@ why it exists. Bumping vLLM means re-reading each of these against the new sourc
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import importlib.util
 import os
 import sys
-from contextlib import contextmanager
 from typing import Any
 
 from vllm_mtp_gemma4.config import (
@@ -19,7 +19,7 @@ from vllm_mtp_gemma4.config import (
     MTPConfigError,
     PluginConfig,
     check_draft_parallelism,
-    check_request_limits,
+    check_logit_bias,
     check_request_options,
     load_speculative_config,
     resolve,
@@ -150,21 +150,29 @@ def _use_plugin_proposer() -> None:
 
 
 def _use_fused_runner() -> None:
-    """Run the fused target-verify step: vLLM's runner classes, swapped where the workers build them.
+    """The fused target-verify step on Model Runner V1, for the plugin's own engines only.
 
-    ``CPUWorker.init_device`` builds ``CPUModelRunner`` by its module-level name in ``cpu_worker``;
-    ``Worker._make_model_runner`` builds the V1 ``GPUModelRunner`` by a local import, so it is wrapped.
-    Both fused runners defer to vLLM's unchanged when the plugin's proposer is not drafting.
+    ``CPUWorker.init_device`` builds ``CPUModelRunner`` by its module-level name in ``cpu_worker``, which becomes a
+    factory; ``Worker._make_model_runner`` builds the V1 ``GPUModelRunner`` by a local import, so it is wrapped.
+    An engine without the plugin's config gets vLLM's own runner class, untouched.
     """
     from vllm.v1.worker import cpu_worker, gpu_worker
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     from vllm_mtp_gemma4.worker.v1.runner import FusedCPUModelRunner, FusedGPUModelRunner
 
-    cpu_worker.CPUModelRunner = FusedCPUModelRunner
+    def is_ours(vllm_config) -> bool:
+        return PluginConfig.from_additional_config(vllm_config.additional_config) is not None
+
+    def cpu_model_runner(vllm_config, device, *args: Any, **kwargs: Any):
+        runner = FusedCPUModelRunner if is_ours(vllm_config) else CPUModelRunner
+        return runner(vllm_config, device, *args, **kwargs)
+
+    cpu_worker.CPUModelRunner = cpu_model_runner
     original = gpu_worker.Worker._make_model_runner
 
     def _make_model_runner(self):
-        if self.use_v2_model_runner or type(self) is not gpu_worker.Worker:
+        if self.use_v2_model_runner or type(self) is not gpu_worker.Worker or not is_ours(self.vllm_config):
             return original(self)
         return FusedGPUModelRunner(self.vllm_config, self.device)
 
@@ -222,23 +230,13 @@ def _ray_on_cpu() -> None:
     ray_executor_v2.initialize_ray_cluster = initialize_ray_cluster
 
 
-@contextmanager
-def _spec_decode_allows_min_p_and_logit_bias():
-    from vllm.sampling_params import SamplingParams
-
-    original = SamplingParams._validate_spec_decode
-    SamplingParams._validate_spec_decode = lambda self, speculative_config: None
-    try:
-        yield
-    finally:
-        SamplingParams._validate_spec_decode = original
+_FUSED_ADMISSION: contextvars.ContextVar[bool] = contextvars.ContextVar("mtp_gemma4_fused_admission", default=False)
 
 
 def _validate_requests() -> None:
     """Per-request plugin options (``extra_args`` / ``vllm_xargs``) are checked at admission: a 400, not a crash.
 
-    So are two bounds vLLM 0.32 leaves open: ``n`` above ``max_num_seqs`` and ``logit_bias`` token ids outside
-    the vocabulary.
+    So, for the fused step, which applies ``logit_bias`` itself, are its token ids (vLLM 0.32 leaves them open).
 
     ``InputProcessor._validate_params`` runs in the front end for ``LLM`` and the OpenAI server alike; its
     ``VLLMValidationError`` becomes an HTTP 400 naming the parameter. The fused step applies ``min_p`` and
@@ -249,6 +247,15 @@ def _validate_requests() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     original = InputProcessor._validate_params
+    spec_decode_check = SamplingParams._validate_spec_decode
+
+    def _validate_spec_decode(self, *args: Any, **kwargs: Any):
+        # Skipped only inside the fused engines' own admission (a context variable: per thread and per task, so two
+        # engines in one process and concurrent requests each see their own).
+        if not _FUSED_ADMISSION.get():
+            return spec_decode_check(self, *args, **kwargs)
+
+    SamplingParams._validate_spec_decode = _validate_spec_decode
 
     def _validate_params(self, params, supported_tasks):
         config = PluginConfig.from_additional_config(self.vllm_config.additional_config)
@@ -256,15 +263,18 @@ def _validate_requests() -> None:
             return original(self, params, supported_tasks)
         try:
             check_request_options(params.extra_args, bool(config.fused) or self.vllm_config.use_v2_model_runner)
-            check_request_limits(params.n, params.logit_bias, self.vllm_config.scheduler_config.max_num_seqs,
-                                 self.model_config.get_vocab_size())
+            if config.fused:
+                check_logit_bias(params.logit_bias, self.model_config.get_vocab_size())
         except MTPConfigError as e:
             field = str(e).split(":", 1)[0]
             raise VLLMValidationError(str(e), parameter=field, value=None) from None
         if not config.fused:
             return original(self, params, supported_tasks)
-        with _spec_decode_allows_min_p_and_logit_bias():
+        token = _FUSED_ADMISSION.set(True)
+        try:
             return original(self, params, supported_tasks)
+        finally:
+            _FUSED_ADMISSION.reset(token)
 
     InputProcessor._validate_params = _validate_params
 

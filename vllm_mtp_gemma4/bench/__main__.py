@@ -21,9 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vllm_mtp_gemma4.bench import FIXTURE_DIR
 from vllm_mtp_gemma4.bench.report import machine_info, summarize, write_report
 from vllm_mtp_gemma4.bench.sweep import BASELINE, METHODS, Settings, run_sweep, total_steps
-from vllm_mtp_gemma4.checkpoint import FIXTURE_DIR
 
 MODES = {
     # Small enough for CI on 2 cores: it checks the harness end to end, not speed.
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     with tqdm(total=total_steps(settings), unit="step", file=sys.stderr) as progress:
         sweep = run_sweep(settings, out / "logs", progress)
     results = {
-        "command": shlex.join([sys.executable, "-m", "vllm_mtp_gemma4.bench", *argv]),
+        "command": shlex.join(["python", "-m", "vllm_mtp_gemma4.bench", *argv]),
         "cwd": str(Path.cwd()), "date": date, "wall_seconds": round(time.perf_counter() - started, 1),
         "machine": machine_info(), "settings": settings.to_json(),
         "methods": {name: asdict(METHODS[name]) for name in settings.methods},

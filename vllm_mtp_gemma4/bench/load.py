@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_mtp_gemma4.checkpoint import FIXTURE_DIR
+from vllm_mtp_gemma4.bench import FIXTURE_DIR
 
 MODEL_NAME = "gemma4-tiny"
 JSON_SCHEMA = {

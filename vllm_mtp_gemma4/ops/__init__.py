@@ -1,10 +1,10 @@
-"""Pure tensor functions of the speculative step (merge, verify, shift, draft glue).
+"""Pure tensor functions of the speculative step: verification (greedy, lossless sampled, relaxed), counter-based
+noise and the processed distribution, thinking state, the vocab-parallel argmax, adaptive draft counts.
 
 Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 """
 
 from .adaptive import choose_num_drafts, draft_chances, draft_survival, draft_threshold, update_calibration
-from .merge import head_indices, merge_drafts, merged_offsets, tail_indices
 from .relaxed import force_tokens, relaxed_accepts, strict_only
 from .sampling import (
     GREEDY_TEMPERATURE,
@@ -14,7 +14,6 @@ from .sampling import (
     sample_from_probs,
     uniform_noise,
 )
-from .shift import gather_at, shift_for_draft
 from .thinking import thinking_after, thinking_at_lengths, thinking_flags, thinking_flags_ragged
 from .verify import (
     PLACEHOLDER,
@@ -23,13 +22,12 @@ from .verify import (
     Verification,
     accepted_rows,
     greedy_verdict,
+    head_indices,
     next_tokens,
     relaxed_verdict,
     resolve,
-    sampled_draft_verdict,
     sampled_verdict,
     verify_greedy,
-    verify_sampled,
     verify_step,
 )
 from .vocab_parallel import reduce_top1, shard_top1
@@ -52,27 +50,20 @@ __all__ = [
     "draft_chances",
     "draft_survival",
     "draft_threshold",
-    "gather_at",
     "greedy_verdict",
     "head_indices",
-    "merge_drafts",
-    "merged_offsets",
     "next_tokens",
     "process_logits",
     "reduce_top1",
     "relaxed_verdict",
     "resolve",
     "sample_from_probs",
-    "sampled_draft_verdict",
     "sampled_verdict",
     "shard_top1",
-    "shift_for_draft",
-    "tail_indices",
     "thinking_after",
     "thinking_flags",
     "uniform_noise",
     "update_calibration",
     "verify_greedy",
-    "verify_sampled",
     "verify_step",
 ]

@@ -49,23 +49,6 @@ def sampled_verdict(target_probs: Tensor, drafts: Tensor, uniforms: Tensor) -> V
     return Verdict(drafts == draws[:, :-1], draws)
 
 
-def sampled_draft_verdict(
-    target_probs: Tensor, draft_probs: Tensor, drafts: Tensor, accept_uniforms: Tensor, uniforms: Tensor
-) -> Verdict:
-    """General speculative sampling for drafts sampled from q (draft_probs[B, K, V]).
-
-    Accept d with probability min(1, p~(d)/q(d)); on rejection draw from max(p~ - q, 0), normalized. The bonus
-    position draws from p~. accept_uniforms[B, K] must be independent of uniforms[B, K+1] (another noise stream)
-    and of the noise that drew the drafts.
-    """
-    p = target_probs[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
-    q = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
-    residual = (target_probs[:, :-1] - draft_probs).clamp(min=0)
-    # An all-zero residual (p~ == q) is never used: then u * q < p always accepts.
-    emit = sample_from_probs(torch.cat([residual, target_probs[:, -1:]], dim=1), uniforms)
-    return Verdict(accept_uniforms * q < p, emit)
-
-
 def relaxed_verdict(
     target_logits: Tensor,
     drafts: Tensor,
@@ -102,11 +85,6 @@ def next_tokens(verification: Verification) -> Tensor:
 def verify_greedy(target_logits: Tensor, drafts: Tensor, num_drafts: Tensor) -> Verification:
     """Greedy rows: accept while d == argmax."""
     return resolve(greedy_verdict(target_logits, drafts), num_drafts)
-
-
-def verify_sampled(target_probs: Tensor, drafts: Tensor, num_drafts: Tensor, uniforms: Tensor) -> Verification:
-    """Sampled rows with point-mass drafts: see ``sampled_verdict``."""
-    return resolve(sampled_verdict(target_probs, drafts, uniforms), num_drafts)
 
 
 def accepted_rows(drafts: Tensor, verification: Verification) -> Tensor:
@@ -157,3 +135,14 @@ class RelaxedInputs(NamedTuple):
     top_n: Tensor  # [B] int
     delta: Tensor  # [B] float
     strict_ids: Tensor  # [S] ids accepted only by the strict rule (closing marker, EOS)
+
+
+def head_indices(offsets: Tensor, width: int) -> Tensor:
+    """[B, width] flat indices of each row's first ``width`` positions, clamped to the row's last one.
+
+    vLLM lays a row's verified logits out as ``[d1..dn positions, bonus]`` with n <= K; these gather them
+    left-aligned into [B, K+1] slots. Slots past a row's own positions repeat its last one and are never used.
+    Empty rows (offsets[i] == offsets[i+1]) point at index offsets[i] - 1, clamped to 0: the caller masks them.
+    """
+    index = offsets[:-1, None] + torch.arange(width, device=offsets.device, dtype=offsets.dtype)
+    return torch.minimum(index, offsets[1:, None] - 1).clamp(min=0)

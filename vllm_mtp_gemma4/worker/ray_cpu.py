@@ -9,6 +9,10 @@ Joining or starting Ray (``initialize_ray_cluster`` in ``patches._ray_on_cpu``) 
 a local instance that Ray starts gets token auth by default and, where no token exists, Ray writes a new one to
 ``~/.ray/auth_token``. A later ``ray start --head`` on the machine finds that file and turns token auth on for its
 cluster, which an engine given only ``RAY_ADDRESS`` then cannot join.
+
+Across nodes (``CPURayWorkerProc.initialize_worker``), each rank's collectives follow its node's address
+(``VLLM_HOST_IP`` there, else the ``--node-ip-address`` Ray uses): gloo otherwise picks the address its host name
+resolves to, often loopback, and tells the other nodes to reach it there.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from vllm.v1.executor.ray_executor_v2 import RayWorkerProc
 
@@ -30,6 +35,62 @@ class CPURayWorkerProc(RayWorkerProc):
     def get_node_and_physical_gpu_ids(self) -> tuple[str, list[int]]:
         # Ray reports accelerator ids only for accelerators it knows; a CPU rank has no device id.
         return ray.get_runtime_context().get_node_id(), []
+
+    def initialize_worker(self, local_rank: int, env_vars: dict[str, str], distributed_init_method: str,
+                          driver_env_vars: dict[str, str] | None = None, **kwargs: Any) -> None:
+        # vLLM's TP group advertises its message queue at get_ip(): the default route's address, or 0.0.0.0 without
+        # one; the node's own address is the one the other nodes reach.
+        address = os.environ.setdefault("VLLM_HOST_IP", ray.util.get_node_ip_address())
+        vllm_config = self._init_kwargs["vllm_config"]
+        _check_paths_here(vllm_config, address, self._init_kwargs["rank"])
+        # The node's own GLOO_SOCKET_IFNAME, else the driver's (vLLM copies it over with setdefault), else ours.
+        if not (os.environ.get("GLOO_SOCKET_IFNAME") or (driver_env_vars or {}).get("GLOO_SOCKET_IFNAME")):
+            interface = interface_of(address)
+            if interface is not None:
+                os.environ["GLOO_SOCKET_IFNAME"] = interface
+        _shm_groups_per_node(ray.get_runtime_context().get_node_id())
+        super().initialize_worker(local_rank, env_vars, distributed_init_method, driver_env_vars, **kwargs)
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface that holds ``address`` on this node, or None."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addresses):
+            return name
+    return None
+
+
+def _check_paths_here(vllm_config: Any, address: str, rank: int) -> None:
+    """A local checkpoint path missing on this node is one error naming node and path, ahead of the hub lookup
+    that vLLM would try with it (paths arrive absolute: ``config.resolve``)."""
+    spec = vllm_config.speculative_config
+    paths = {"model": vllm_config.model_config.model,
+             "speculative config 'model'": spec.model if spec is not None else None}
+    for role, path in paths.items():
+        if path and os.path.isabs(path) and not os.path.isdir(path):
+            raise FileNotFoundError(f"{role}: {path}: directory not found on Ray node {address} (rank {rank}); "
+                                    f"every node needs the checkpoint at this path")
+
+
+def _shm_groups_per_node(node_id: str) -> None:
+    """Keep vLLM's shared-memory collectives to ranks on one node.
+
+    vLLM 0.32's CPU communicator uses shared memory for a TP/PP group whenever its ranks agree on a group name, and
+    the name (``VLLM_DIST_IDENT``, the init port) is the same on every node, so a group spanning nodes would wait
+    on segments that exist only on the other node. With the Ray node in the name, such a group falls back to
+    torch.distributed (gloo, over the network) as vLLM does for names that differ.
+    """
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    name = _CPUSHMDistributed.make_group_name
+    if getattr(name, "node_id", None) == node_id:
+        return
+
+    def make_group_name(communicator: Any) -> str:
+        return f"{name(communicator)}-{node_id[:12]}"
+
+    make_group_name.node_id = node_id  # type: ignore[attr-defined]
+    _CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
 
 
 def cluster_to_join(address: str | None) -> str | None:

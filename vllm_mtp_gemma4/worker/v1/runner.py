@@ -11,9 +11,11 @@ One speculative step, composed in ``sample_tokens`` top to bottom:
 6. one host read of ``[sampled ids | next drafts (| draft counts, beliefs)]``, from which bookkeeping and the
    next step's drafts are built.
 
-Without the plugin's config, with ``"fused": false`` or without the plugin's proposer, every method defers to
-vLLM's runner unchanged (the unfused path). Checked against vLLM 0.32.0 (``GPUModelRunner.sample_tokens``, non-async
-scheduling; the fused path turns async scheduling off).
+Only the plugin's own engines (with its config) get this runner (``patches._use_fused_runner``). With
+``"fused": false`` or without the plugin's proposer, every method defers to vLLM's runner (the unfused path), but
+for one repair: a seeded request whose sample is discarded (a partial prefill) keeps its CPU generator, which
+vLLM 0.32 would rewind with ``set_offset`` and crash. Checked against vLLM 0.32.0 (``GPUModelRunner.sample_tokens``,
+non-async scheduling; the fused path turns async scheduling off).
 """
 
 from __future__ import annotations
@@ -263,6 +265,7 @@ def fused_step_counters(worker: Any) -> dict[str, Any]:
     """Read through ``LLM.collective_rpc``: whether the fused step runs, its steps, host reads and phase times."""
     runner = worker.model_runner
     return {
+        "runner": type(runner).__name__,
         "fused": bool(getattr(runner, "fused", False)),
         "steps": getattr(runner, "fused_steps", 0),
         # {kind: count} of the reads the fused steps made, with VLLM_MTP_GEMMA4_COUNT_HOST_READS=1; else None.
