@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from vllm_mtp_gemma4.ops import (
+    Calibration,
     RelaxedInputs,
     SamplingTensors,
     Verdict,
@@ -34,10 +35,10 @@ from vllm_mtp_gemma4.ops import (
     thinking_flags,
     thinking_flags_ragged,
     uniform_noise,
-    update_calibration,
     verify_greedy,
     verify_step,
 )
+from vllm_mtp_gemma4.ops.adaptive import CALIBRATION_RANGE
 
 OPEN, CLOSE = 6, 7  # thinking markers in the small test vocabularies
 
@@ -605,16 +606,32 @@ def test_adaptive_counts_follow_calibrated_survival():
     assert choose_num_drafts(survival, 0.0).tolist() == [3, 3, 3, 3]  # tau 0: every draft, as fixed K
 
 
-def test_calibration_moves_toward_outcomes_and_stays_bounded():
-    up = update_calibration(1.0, 0.2, True)
-    down = update_calibration(1.0, 0.8, False)
-    assert up > 1.0 > down
-    assert update_calibration(1.0, 0.0, True) == 1.0  # no chance given: no evidence
-    value = 1.0
-    for _ in range(200):
-        value = update_calibration(value, 0.01, True)
-    assert value == 16.0
+@pytest.mark.parametrize(("rate", "weight"), [(0.5, 0.02), (0.8, 0.02), (0.3, 0.02), (0.8, 0.2)])
+def test_calibrated_chance_converges_to_the_acceptance_rate(rate, weight):
+    """A synthetic stream, confidence fixed at 0.4, drafts accepted at a known rate (seeded): the calibrated chance
+    q = r * c settles within 0.05 of the rate (its mean over the last 2,000 of 4,000 outcomes), from the optimistic
+    start, at the engine-wide weight and at the per-request one."""
+    gen = torch.Generator().manual_seed(11)
+    outcomes = (torch.rand(4000, generator=gen) < rate).tolist()
+    calibration, chances = Calibration.start(4.0), []
+    for accepted in outcomes:
+        chances.append(min(1.0, calibration.ratio * 0.4))
+        calibration = calibration.update(0.4, accepted, weight=weight)
+    assert abs(sum(chances[2000:]) / 2000 - rate) < 0.05
 
+
+def test_calibration_learns_the_assistants_scale_across_confidences():
+    """Confidences vary (0.05 to 0.3) and a draft is accepted with probability 3 c: r settles near 3."""
+    gen = torch.Generator().manual_seed(12)
+    confidence = (0.05 + 0.25 * torch.rand(6000, generator=gen)).tolist()
+    accepted = (torch.rand(6000, generator=gen) < 3 * torch.tensor(confidence)).tolist()
+    calibration = Calibration.start(1.0)
+    ratios = []
+    for c, a in zip(confidence, accepted):
+        calibration = calibration.update(c, a, weight=0.02)
+        ratios.append(calibration.ratio)
+    assert abs(sum(ratios[3000:]) / 3000 - 3.0) < 0.2
+    assert Calibration(100.0, 1.0).ratio == CALIBRATION_RANGE[1] and Calibration(0.0, 1.0).ratio == 0.25
 
 def _vocab_parallel_top1(logits: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``logits`` like a vocab-parallel head (equal padded shards), reduce, and combine in rank order."""

@@ -58,6 +58,16 @@ def test_strict_mode_matches_plain_decoding(strict_and_relaxed, plain_thinking):
     assert strict.token_ids == plain_thinking.token_ids
 
 
+def test_phase_counters_against_vllms(strict_and_relaxed):
+    """The phase counters count committed tokens: every token after a request's first is one step's; vLLM's
+    accepted-draft counter also counts drafts that max_tokens or a stop cut off, so it is never smaller."""
+    for result in strict_and_relaxed:
+        steps, accepted = (sum(result.metrics[f"vllm:mtp_gemma4_{name}{{phase={phase}}}"]
+                               for phase in ("thinking", "answer")) for name in ("spec_steps", "accepted_tokens"))
+        assert steps + accepted == result.generated_tokens - len(result.token_ids)
+        assert 0 < accepted <= result.spec.num_accepted_tokens
+
+
 def test_answers_after_a_relaxed_thinking_prefix_stay_strict(strict_and_relaxed):
     """Prompt + the relaxed run's thinking up to its closing marker, then continue: relaxed-opted-in requests,
     strict requests and plain decoding write the same answer."""

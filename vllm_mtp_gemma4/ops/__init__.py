@@ -4,7 +4,7 @@ noise and the processed distribution, thinking state, the vocab-parallel argmax,
 Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 """
 
-from .adaptive import choose_num_drafts, draft_chances, draft_survival, draft_threshold, update_calibration
+from .adaptive import Calibration, choose_num_drafts, draft_chances, draft_survival, draft_threshold
 from .relaxed import force_tokens, relaxed_accepts, strict_only
 from .sampling import (
     GREEDY_TEMPERATURE,
@@ -33,6 +33,7 @@ from .verify import (
 from .vocab_parallel import reduce_top1, shard_top1
 
 __all__ = [
+    "Calibration",
     "thinking_flags_ragged",
     "thinking_at_lengths",
     "strict_only",
@@ -63,7 +64,6 @@ __all__ = [
     "thinking_after",
     "thinking_flags",
     "uniform_noise",
-    "update_calibration",
     "verify_greedy",
     "verify_step",
 ]

@@ -7,7 +7,7 @@ The rule, deterministic and per row:
    ``q_l = min(1, r_l * c_l)``. A small assistant is under-confident, and more so at later steps (on the fixture
    its mean top-1 probability falls from 0.6 to 0.03 over three steps while the target accepts 82 %, then 78 %,
    then 91 % of the drafts that reach it), so ``r`` is learnt per request and step from the request's own
-   accept/reject outcomes (``update_calibration``, on the host), starting from an engine-wide estimate.
+   accept/reject outcomes (``Calibration``, on the host), starting from an engine-wide estimate.
 2. ``s_j = q_1 * ... * q_j`` is then the chance that verifying position j adds a token.
 3. A position is worth verifying when ``s_j`` reaches the batch's threshold ``tau(B) = threshold *
    min(1, B / batch_scale)``. At batch 1 a verified position costs almost nothing (the step's fixed cost
@@ -18,9 +18,12 @@ The rule, deterministic and per row:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
-CALIBRATION_RANGE = (0.25, 16.0)
+CALIBRATION_RANGE = (0.25, 64.0)
+PRIOR_CONFIDENCE = 0.1
 
 
 def draft_threshold(batch_size: int, threshold: float, batch_scale: int) -> float:
@@ -43,14 +46,29 @@ def choose_num_drafts(survival: Tensor, tau: float) -> Tensor:
     return (survival >= tau).sum(dim=1)
 
 
-def update_calibration(calibration: float, chance: float, accepted: bool, weight: float = 0.2) -> float:
-    """A step's calibration after one verified draft it gave ``chance`` (q_l) was accepted or not.
+@dataclass(frozen=True)
+class Calibration:
+    """``r_l`` for one draft step, as exponentially weighted sums of outcomes and of the assistant's confidences.
 
-    Moved geometrically toward outcome / chance (clipped to [1/4, 4]), so one outcome cannot swing it far and a
-    well-calibrated chance leaves it where it is on average.
+    ``r = accepted / confidence`` makes ``q = r * c`` match the acceptance rate on average: fed drafts accepted at
+    rate a with confidence c, it settles at r = a / c, so q = a. (A geometric move toward outcome / q with
+    outcomes clipped settles at q = 4^-((1 - a) / a) instead: 0.25 for a = 0.5.) It starts as ``prior`` weighted
+    like one confidence of ``PRIOR_CONFIDENCE``, which the first outcomes wash out.
     """
-    if chance <= 0:
-        return calibration
-    ratio = min(4.0, max(0.25, float(accepted) / chance))
-    low, high = CALIBRATION_RANGE
-    return min(high, max(low, calibration * ratio**weight))
+
+    accepted: float
+    confidence: float
+
+    @classmethod
+    def start(cls, prior: float) -> Calibration:
+        return cls(prior * PRIOR_CONFIDENCE, PRIOR_CONFIDENCE)
+
+    @property
+    def ratio(self) -> float:
+        low, high = CALIBRATION_RANGE
+        return min(high, max(low, self.accepted / self.confidence))
+
+    def update(self, confidence: float, accepted: bool, weight: float = 0.2) -> Calibration:
+        """After one verified draft the assistant gave ``confidence`` (c_l, uncalibrated) was accepted or not."""
+        return Calibration((1 - weight) * self.accepted + weight * float(accepted),
+                           (1 - weight) * self.confidence + weight * confidence)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from vllm_mtp_gemma4.config import PluginConfig, RelaxedAcceptance
-from vllm_mtp_gemma4.ops import thinking_after, update_calibration
+from vllm_mtp_gemma4.ops import Calibration, thinking_after
 
 
 @dataclass
@@ -32,9 +32,9 @@ class RequestState:
     thinking: bool = False
     scanned: int = 0  # committed tokens already walked for ``thinking``
     # Adaptive K (``ops/adaptive.py``): how far to trust the assistant's confidence at each draft step for this
-    # request, the chances given to the drafts it has in flight, and how many it sent last.
-    calibration: list[float] = field(default_factory=list)
-    pending_chances: list[float] = field(default_factory=list)
+    # request, the assistant's confidence in the drafts it has in flight, and how many it sent last.
+    calibration: list[Calibration] = field(default_factory=list)
+    pending_confidence: list[float] = field(default_factory=list)
     last_count: int | None = None
 
 
@@ -68,7 +68,7 @@ class RequestTracker:
         self.open_id = thinking_open_id
         self.close_id = thinking_close_id
         self.states: dict[str, RequestState] = {}
-        self.calibration: list[float] = []  # engine-wide, per draft step: where a new request's starts
+        self.calibration: list[Calibration] = []  # engine-wide, per draft step: where a new request's starts
 
     def draft_steps(self, req_ids: list[str], max_k: int) -> int:
         """Draft steps to run: one more than the longest list any of these requests sent last (new ones: all)."""
@@ -81,13 +81,13 @@ class RequestTracker:
         """[B][K] per-step calibration of each request (new ones start from the engine-wide estimate)."""
         if len(self.calibration) < max_k:
             # Optimistic start: drafts get sent, so the outcomes that correct the estimate get observed.
-            self.calibration += [INITIAL_CALIBRATION] * (max_k - len(self.calibration))
+            self.calibration += [Calibration.start(INITIAL_CALIBRATION)] * (max_k - len(self.calibration))
         rows = []
         for req_id in req_ids:
             state = self.states.get(req_id)
             if state is not None and len(state.calibration) < max_k:
                 state.calibration += self.calibration[len(state.calibration):max_k]
-            rows.append(state.calibration[:max_k] if state is not None else self.calibration[:max_k])
+            rows.append([c.ratio for c in (state.calibration if state is not None else self.calibration)[:max_k]])
         return rows
 
     def observe_acceptance(self, req_ids: list[str], num_drafts: list[int], sampled: Tensor) -> None:
@@ -101,16 +101,16 @@ class RequestTracker:
             state = self.states.get(req_id)
             if state is None:
                 continue
-            for step, chance in enumerate(state.pending_chances[:min(n, a + 1)]):
+            for step, confidence in enumerate(state.pending_confidence[:min(n, a + 1)]):
                 outcome = step < a
-                state.calibration[step] = update_calibration(state.calibration[step], chance, outcome)
-                self.calibration[step] = update_calibration(self.calibration[step], chance, outcome, weight=0.02)
+                state.calibration[step] = state.calibration[step].update(confidence, outcome)
+                self.calibration[step] = self.calibration[step].update(confidence, outcome, weight=0.02)
 
-    def expect(self, req_ids: list[str], counts: list[int], chances: list[list[float]]) -> None:
-        for req_id, count, row in zip(req_ids, counts, chances):
+    def expect(self, req_ids: list[str], counts: list[int], confidence: list[list[float]]) -> None:
+        for req_id, count, row in zip(req_ids, counts, confidence):
             state = self.states.get(req_id)
             if state is not None:
-                state.last_count, state.pending_chances = count, row[:count]
+                state.last_count, state.pending_confidence = count, row[:count]
 
     def forget(self, req_ids: set[str]) -> None:
         for req_id in req_ids:

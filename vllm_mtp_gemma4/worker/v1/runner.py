@@ -172,8 +172,8 @@ class FusedStepMixin:
             if chosen is not None:
                 num_drafts = spec_decode_metadata.num_draft_tokens if spec_decode_metadata else [0] * len(req_ids)
                 self.tracker.observe_acceptance(req_ids, num_drafts, sampled)
-                counts, chances = chosen
-                self.tracker.expect(req_ids, counts, chances)
+                counts, confidence = chosen
+                self.tracker.expect(req_ids, counts, confidence)
                 next_drafts = [row[:n] for row, n in zip(next_drafts, counts)]
             self._draft_token_ids = next_drafts
             self._draft_token_req_ids = self.input_batch.req_ids.copy()
@@ -220,13 +220,18 @@ class FusedStepMixin:
                     hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                     spec_decode_common_attn_metadata, slot_mappings,
                 )
+            elif self.parallel_config.data_parallel_size > 1:
+                # As vLLM's step does: a rank that skips drafting still joins the drafter's collectives, so DP
+                # ranks that disagree on whether the batch fits do not hang.
+                self.drafter.dummy_run(num_tokens=1)
             choice = self._choose_num_drafts() if adaptive and drafts is not None else None
         with self._phase("host"):
             sampled, next_drafts, chosen = self._read_step(sampler_output.sampled_token_ids, drafts, choice)
         return sampled, sampler_output, next_drafts, chosen
 
     def _choose_num_drafts(self) -> Tensor | None:
-        """[B, 1 + steps]: drafts to verify per request, then the chance ``q_l`` given to each, on the device."""
+        """[B, 1 + steps]: drafts to verify per request, then the assistant's confidence ``c_l`` in each (what the
+        calibration learns from), on the device."""
         confidence = self.drafter.last_confidence
         if confidence is None:  # a head without confidence (centroids): every draft goes
             return None
@@ -236,13 +241,13 @@ class FusedStepMixin:
         tau = draft_threshold(confidence.shape[0], config.adaptive_threshold, config.adaptive_batch_scale)
         chances = draft_chances(confidence, calibration)
         counts = choose_num_drafts(draft_survival(chances), tau)
-        return torch.cat([counts[:, None].double(), chances.double()], dim=1)
+        return torch.cat([counts[:, None].double(), confidence.double()], dim=1)
 
     def _read_step(
         self, sampled: Tensor, drafts: Tensor | None, choice: Tensor | None
     ) -> tuple[Tensor, list[list[int]], tuple[list[int], list[list[float]]] | None]:
         """The step's one device-to-host read: sampled ids [B, K+1], next drafts [B, steps] and, with adaptive K,
-        the per-request draft counts and chances, packed in one tensor (float64 when mixed: ids stay exact).
+        the per-request draft counts and confidences, packed in one tensor (float64 when mixed: ids stay exact).
 
         Requested logprobs come on top (vLLM's ``LogprobsTensors.tolists``).
         """
@@ -271,7 +276,7 @@ def fused_step_counters(worker: Any) -> dict[str, Any]:
         # {kind: count} of the reads the fused steps made, with VLLM_MTP_GEMMA4_COUNT_HOST_READS=1; else None.
         "host_reads": dict(reads) if (reads := getattr(runner, "host_reads", None)) is not None else None,
         "phase_seconds": dict(getattr(runner, "phase_seconds", {})),
-        "calibration": runner.tracker.calibration if getattr(runner, "fused", False) else None,
+        "calibration": [c.ratio for c in runner.tracker.calibration] if getattr(runner, "fused", False) else None,
     }
 
 
