@@ -121,9 +121,10 @@ class RayCluster:
 
 class TwoNodes:
     """A head (``HEAD_IP``) and a worker node (``WORKER_IP``), one veth pair between their network namespaces, each
-    node a ``RayCluster`` with ``resources``; ``worker_env`` is the worker node's environment (its ranks')."""
+    node a ``RayCluster`` with ``resources``; ``head_env`` / ``worker_env`` add to each node's environment."""
 
-    def __init__(self, resources: dict[str, float], worker_env: dict[str, str] | None = None) -> None:
+    def __init__(self, resources: dict[str, float], head_env: dict[str, str] | None = None,
+                 worker_env: dict[str, str] | None = None) -> None:
         tag = secrets.token_hex(3)
         self.netns = {"head": f"mtp-head-{tag}", "worker": f"mtp-worker-{tag}"}
         self.veth = {"head": f"mtp-h-{tag}", "worker": f"mtp-w-{tag}"}  # interface names: 15 characters at most
@@ -139,7 +140,7 @@ class TwoNodes:
                 _ip(*ns, "link", "set", "lo", "up")
                 _ip(*ns, "addr", "add", f"{ip}/30", "dev", self.veth[node])  # a /30: one link, no default route
                 _ip(*ns, "link", "set", self.veth[node], "up")
-            self.head = RayCluster(resources, netns=self.netns["head"], ip=HEAD_IP)
+            self.head = RayCluster(resources, netns=self.netns["head"], ip=HEAD_IP, node_env=head_env)
             self.worker = RayCluster(resources, netns=self.netns["worker"], ip=WORKER_IP, head=self.head,
                                      node_env=worker_env)
         except BaseException:

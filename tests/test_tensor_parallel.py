@@ -262,12 +262,16 @@ def test_ray_cluster_leaves_nothing_running(ray_cluster, stale_ray_token):
 SHIPPED_MTP_JSON = "configs/mtp.json"
 HEAD_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0"}  # each node's rank on its own core of this 2-core machine
 WORKER_NODE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "1"}  # the node's own value wins over the driver's
+# A node that goes silent is dead to Ray after its health checks fail: about 60 s by default (5 checks 3 s apart,
+# 10 s timeout each), 10 s with these on the head (README).
+RAY_HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                    "RAY_health_check_failure_threshold": "5"}
 
 
 @pytest.fixture(scope="module")
 def two_nodes(stale_ray_token):
     _require_namespaces()
-    nodes = TwoNodes({RAY_CPU_RESOURCE: 1}, worker_env=WORKER_NODE_ENV)
+    nodes = TwoNodes({RAY_CPU_RESOURCE: 1}, head_env=RAY_HEALTH_CHECK, worker_env=WORKER_NODE_ENV)
     yield nodes
     nodes.stop()
 
@@ -334,14 +338,17 @@ def test_two_nodes_bytes_per_token(tp2_two_nodes):
     assert per_token > 100_000  # at least the target's logits gather crossed: the collectives ran on the veth
 
 
-def test_two_nodes_pp2(held_out_prompts, two_nodes, plain_greedy):
-    """PP=2 across the nodes with the plugin's MTP: the last stage drafts and verifies."""
+def test_two_nodes_pp2_is_refused_at_start(held_out_prompts, two_nodes):
+    """PP=2 across the nodes is refused before anything starts, in one line naming the flag: the plugin's V1 runner
+    does not run with pipeline parallelism (and vLLM 0.32's even split of this target would put KV-shared layer 7
+    on another stage than layer 3, whose KV it reads)."""
     engine = {**ENGINE, "pipeline_parallel_size": 2, "distributed_executor_backend": "ray",
               "speculative_config": SHIPPED_MTP_JSON}
-    result = run_job(Job(engine=engine, prompts=held_out_prompts[:8], sampling={"temperature": 0.0, "max_tokens": 48},
-                         env={**HEAD_ENV, **two_nodes.head.env}), launcher=_on_head(two_nodes), timeout=600)
-    assert result.token_ids == [t[:48] for t in plain_greedy.token_ids[:8]]
-    assert result.spec.mean_acceptance_length > 1.5
+    with pytest.raises(JobFailed) as failure:
+        run_job(Job(engine=engine, prompts=held_out_prompts[:1], env={**HEAD_ENV, **two_nodes.head.env}),
+                launcher=_on_head(two_nodes), timeout=300)
+    assert ("error: --pipeline-parallel-size 2: the plugin on Model Runner V1 runs without pipeline parallelism"
+            in failure.value.log.splitlines()), failure.value.log[-3000:]
 
 
 def test_draft_missing_on_the_worker_node_names_node_and_path(held_out_prompts, two_nodes, tmp_path):
@@ -396,12 +403,12 @@ def test_lost_worker_node_fails_the_engine_promptly(held_out_prompts, two_nodes,
     assert re.search(rf"rank=\[1\] died unexpectedly|{WORKER_IP}", error)
     assert outcome["ended"] - lost < FAULT_REPORT_S
     after = run_job(Job(engine={**ENGINE, "distributed_executor_backend": "ray", "speculative_config": SPEC},
-                        prompts=held_out_prompts[:8], sampling={"temperature": 0.0, "max_tokens": 48},
+                        prompts=held_out_prompts[:2], sampling={"temperature": 0.0, "max_tokens": 16},
                         env={**HEAD_ENV, **two_nodes.head.env}), launcher=_on_head(two_nodes), timeout=600)
-    assert after.token_ids == tp1.token_ids[:8]
+    assert after.token_ids == [t[:16] for t in tp1.token_ids[:2]]
 
 
 def test_two_nodes_leave_nothing_running(two_nodes, stale_ray_token):
     two_nodes.stop()
     assert two_nodes.left_behind() == []
-    assert _ray_home() == stale_ray_token
+    assert set(_ray_home() or ()) - set(stale_ray_token or ()) <= {RAY_TOKEN}  # at most the planted token

@@ -103,13 +103,20 @@ def _fit_to_runner(config: Any, plugin_config: PluginConfig, explicit_async: boo
     """What the plugin does on the engine's runner, set and logged before any weights load.
 
     - V1: the fused step reads the device once per step itself, so async scheduling (which would overlap a second,
-      speculative copy of the same outputs) is turned off; asked for explicitly, it is an error.
+      speculative copy of the same outputs) is turned off; asked for explicitly, it is an error. Pipeline
+      parallelism is refused.
     - V2: V2's own step and scheduling stay; relaxed acceptance is added as a V2 logits processor.
     """
     from vllm_mtp_gemma4.worker.v2 import RELAXED_PROCESSOR
 
     runner = "V2" if config.use_v2_model_runner else "V1"
     resolved = plugin_config.for_runner(runner)
+    stages = config.parallel_config.pipeline_parallel_size
+    if runner == "V1" and stages > 1:
+        # The first stage has no drafter, and the plugin's V1 runner and proposer were built for the drafting stage.
+        raise MTPConfigError(
+            f"--pipeline-parallel-size {stages}: the plugin on Model Runner V1 runs without pipeline parallelism; "
+            f"use --tensor-parallel-size across the ranks instead")
     if runner == "V1" and resolved.fused:
         if explicit_async:
             raise MTPConfigError(
