@@ -235,6 +235,30 @@ def _ray_on_cpu() -> None:
         return original(parallel_config, ray_address, **kwargs)
 
     ray_executor_v2.initialize_ray_cluster = initialize_ray_cluster
+    _shm_groups_per_node()
+
+
+def _shm_groups_per_node() -> None:
+    """Keep vLLM's shared-memory collectives to ranks on one node (CPU, Ray).
+
+    vLLM 0.32's CPU communicator (``cpu_communicator._CPUSHMDistributed``) uses shared memory for a TP/PP group
+    whenever its ranks agree on the group's name, and the name (``VLLM_DIST_IDENT``, the init port) is the same on
+    every node, so a group spanning nodes would wait on segments that exist only on the other node. With the Ray
+    node in the name, such a group falls back to torch.distributed (gloo, over the network), as vLLM does for names
+    that differ; a group within one node keeps shared memory.
+    """
+    import ray
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    original = _CPUSHMDistributed.make_group_name
+
+    def make_group_name(communicator: Any) -> str:
+        name = original(communicator)
+        if ray.is_initialized():  # a Ray rank
+            name += "-" + ray.get_runtime_context().get_node_id()[:12]
+        return name
+
+    _CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
 
 
 _FUSED_ADMISSION: contextvars.ContextVar[bool] = contextvars.ContextVar("mtp_gemma4_fused_admission", default=False)

@@ -48,7 +48,6 @@ class CPURayWorkerProc(RayWorkerProc):
             interface = interface_of(address)
             if interface is not None:
                 os.environ["GLOO_SOCKET_IFNAME"] = interface
-        _shm_groups_per_node(ray.get_runtime_context().get_node_id())
         super().initialize_worker(local_rank, env_vars, distributed_init_method, driver_env_vars, **kwargs)
 
 
@@ -70,27 +69,6 @@ def _check_paths_here(vllm_config: Any, address: str, rank: int) -> None:
         if path and os.path.isabs(path) and not os.path.isdir(path):
             raise FileNotFoundError(f"{role}: {path}: directory not found on Ray node {address} (rank {rank}); "
                                     f"every node needs the checkpoint at this path")
-
-
-def _shm_groups_per_node(node_id: str) -> None:
-    """Keep vLLM's shared-memory collectives to ranks on one node.
-
-    vLLM 0.32's CPU communicator uses shared memory for a TP/PP group whenever its ranks agree on a group name, and
-    the name (``VLLM_DIST_IDENT``, the init port) is the same on every node, so a group spanning nodes would wait
-    on segments that exist only on the other node. With the Ray node in the name, such a group falls back to
-    torch.distributed (gloo, over the network) as vLLM does for names that differ.
-    """
-    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
-
-    name = _CPUSHMDistributed.make_group_name
-    if getattr(name, "node_id", None) == node_id:
-        return
-
-    def make_group_name(communicator: Any) -> str:
-        return f"{name(communicator)}-{node_id[:12]}"
-
-    make_group_name.node_id = node_id  # type: ignore[attr-defined]
-    _CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
 
 
 def cluster_to_join(address: str | None) -> str | None:
