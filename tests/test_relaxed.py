@@ -14,6 +14,7 @@ import pytest
 from vllm_mtp_gemma4.bench.job import Job, JobResult, run_job
 
 from .conftest import ENGINE, THINKING_TOKENS, close_id, mtp_config, thinking_prompts
+from .relaxed_rule import assert_tokens_obey_the_rule, score
 
 pytestmark = pytest.mark.engine
 
@@ -51,6 +52,15 @@ def test_relaxed_acceptance_is_longer_inside_thinking(strict_and_relaxed, record
     record_property("acceptance_length", figures)
     assert figures["relaxed thinking"] > figures["strict thinking"] + 0.1
     assert relaxed.token_ids != strict.token_ids, "relaxed acceptance changed nothing"
+
+
+def test_relaxed_tokens_obey_the_rule(strict_and_relaxed):
+    _, relaxed = strict_and_relaxed
+    prompts = thinking_prompts()
+    relaxed_only = assert_tokens_obey_the_rule(prompts, relaxed.token_ids, score(prompts, relaxed.token_ids),
+                                               SPEC["vllm_mtp_gemma4"]["relaxed_topk"],
+                                               SPEC["vllm_mtp_gemma4"]["relaxed_delta"])
+    assert relaxed_only > 0, "no token needed the relaxed rule"
 
 
 def test_strict_mode_matches_plain_decoding(strict_and_relaxed, plain_thinking):
