@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
@@ -272,3 +273,25 @@ def test_64_concurrent_streaming_clients(client, server, record_property):
     figures = percentiles(results)
     print(f"\nload: {figures}, rss {rss_before >> 20} -> {rss_after >> 20} MiB")
     record_property("load", figures)
+
+
+def test_data_parallel_ranks_serve_greedy_like_plain_decoding(tmp_path, held_out_prompts, plain_greedy):
+    """``--data-parallel-size 2``: two engine cores behind one front end, each drafting with the fused step (its
+    skipped-draft path joins the drafter's collectives, as vLLM's does); concurrent greedy requests spread over both
+    ranks get plain decoding's text."""
+    prompts = held_out_prompts[:6]
+    extra = ("--enforce-eager", "--dtype", "float32", "--data-parallel-size", "2")
+    with Server(tmp_path / "dp.log", speculative=True, extra=extra, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as s:
+        client = OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+
+        def complete(prompt: str) -> str:
+            return client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=64,
+                                             temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            texts = list(pool.map(complete, prompts))
+        drafts = metric(s, "vllm:spec_decode_num_drafts_total")
+        log = (tmp_path / "dp.log").read_text()
+    assert texts == plain_greedy.texts[:len(prompts)]
+    assert drafts > 0
+    assert log.count("vllm-mtp-gemma4: fused target-verify step on") == 2  # one runner per DP rank

@@ -134,7 +134,8 @@ def free_port() -> int:
 class Server:
     """``vllm serve`` of the fixture on a free loopback port, as a process group we stop ourselves."""
 
-    def __init__(self, log_path: Path, speculative: bool, plugins: bool = True, extra: tuple[str, ...] = ()):
+    def __init__(self, log_path: Path, speculative: bool, plugins: bool = True, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -144,7 +145,7 @@ class Server:
                 *SERVE_ARGS, *extra]
         if speculative:
             args += ["--speculative-config", str(Path(__file__).resolve().parents[2] / "configs" / "mtp.json")]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), **(env or {})}
         if not plugins:
             from vllm_mtp_gemma4.bench.job import PLUGINS_OFF
 
