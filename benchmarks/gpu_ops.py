@@ -42,7 +42,7 @@ from vllm_mtp_gemma4.ops import (
     verify_step,
 )
 
-OPEN_THINKING, CLOSE_THINKING, RELAXED_TOP_N, RELAXED_DELTA = 7, 8, 10, 0.6
+OPEN_THINKING, CLOSE_THINKING, RELAXED_TOPK, RELAXED_DELTA = 7, 8, 10, 0.6
 HISTORY = 2048
 
 
@@ -63,7 +63,7 @@ def make_inputs(batch: int, k: int, vocab: int, seed: int = 0) -> dict[str, torc
         "seed": torch.arange(batch) * 7919 + 1,
         "positions": 100 + torch.arange(k + 1).expand(batch, k + 1),
         "in_thinking": (torch.arange(batch) % 4 == 1)[:, None].expand(batch, k + 1).clone(),
-        "top_n": torch.full((batch,), RELAXED_TOP_N),
+        "topk": torch.full((batch,), RELAXED_TOPK),
         "delta": torch.full((batch,), RELAXED_DELTA),
         "strict_ids": torch.tensor([1, 6, CLOSE_THINKING]),
         "history": torch.randint(0, 16, (batch * (k + 1), HISTORY), generator=gen),
@@ -75,7 +75,7 @@ def step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     merged = torch.cat([x["new_tokens"][:, None], x["drafts"]], 1)
     in_thinking = thinking_flags(x["in_thinking"][:, 0], merged[:, :-1], OPEN_THINKING, CLOSE_THINKING)
     sampling = SamplingTensors(x["temperature"], x["top_k"], x["top_p"], x["min_p"], x["seed"])
-    relaxed = RelaxedInputs(in_thinking, x["temperature"] > 0, x["top_n"], x["delta"], x["strict_ids"])
+    relaxed = RelaxedInputs(in_thinking, x["temperature"] > 0, x["topk"], x["delta"], x["strict_ids"])
     verification = verify_step(x["logits"], x["drafts"], x["num_drafts"], sampling, x["positions"], relaxed)
     return verification.num_accepted, accepted_rows(x["drafts"], verification)
 
@@ -93,8 +93,8 @@ def v2_relaxed_step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     row = torch.arange(tokens.shape[0])
     thinking = thinking_flags_ragged(start, tokens, row - local, OPEN_THINKING, CLOSE_THINKING)
     flagged = has_draft & thinking & ~strict_only(draft, x["strict_ids"])
-    top_n, delta = x["top_n"].repeat_interleave(width), x["delta"].repeat_interleave(width)
-    force_tokens(logits, flagged & relaxed_accepts(logits, draft, top_n, delta), draft)
+    topk, delta = x["topk"].repeat_interleave(width), x["delta"].repeat_interleave(width)
+    force_tokens(logits, flagged & relaxed_accepts(logits, draft, topk, delta), draft)
     return logits.argmax(-1), flagged
 
 

@@ -23,7 +23,7 @@ def score(prompts: list[list[int]], outputs: list[list[int]]) -> JobResult:
                        sampling={"temperature": 0.0, "max_tokens": 1, "prompt_logprobs": TOP_LOGPROBS}))
 
 
-def assert_tokens_obey_the_rule(prompts: list[list[int]], outputs: list[list[int]], scored: JobResult, top_n: int,
+def assert_tokens_obey_the_rule(prompts: list[list[int]], outputs: list[list[int]], scored: JobResult, topk: int,
                                 delta: float) -> int:
     """Inside thinking each committed token is among the target's top N with p >= p_top1 - delta, the closing
     marker and EOS only as the argmax; outside thinking each is the argmax. Returns how many tokens only the relaxed
@@ -41,7 +41,7 @@ def assert_tokens_obey_the_rule(prompts: list[list[int]], outputs: list[list[int
             if thinking_after(False, sequence[:i], open_id, close_id) and token not in strict_ids:
                 assert token in top, (i, token)
                 rank = sum(lp > top[token] + 1e-6 for lp in top.values())
-                assert rank < top_n and math.exp(top[token]) >= math.exp(best) - delta - 1e-4, (i, token)
+                assert rank < topk and math.exp(top[token]) >= math.exp(best) - delta - 1e-4, (i, token)
                 relaxed_only += not is_argmax
             else:
                 assert is_argmax, (i, token, top.get(token), best)

@@ -26,8 +26,8 @@ THINKING = 8
 V2_THINKING_TOKENS = 96
 assert V2_THINKING_TOKENS <= THINKING_TOKENS
 SEEDED = {"temperature": 0.8, "seed": 1234, "max_tokens": 24}
-TOP_N, DELTA = 10, 0.6
-SPEC = {**mtp_config(3), "vllm_mtp_gemma4": {"relaxed_topk": TOP_N, "relaxed_delta": DELTA}}
+TOPK, DELTA = 10, 0.6
+SPEC = {**mtp_config(3), "vllm_mtp_gemma4": {"relaxed_topk": TOPK, "relaxed_delta": DELTA}}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_v2_relaxed_acceptance_is_longer_inside_thinking(v2_strict, v2_relaxed):
 
 def test_v2_relaxed_tokens_obey_the_rule(v2_relaxed):
     prompts, outputs = thinking_prompts()[:THINKING], v2_relaxed.token_ids[1:-1]
-    relaxed_only = assert_tokens_obey_the_rule(prompts, outputs, score(prompts, outputs), TOP_N, DELTA)
+    relaxed_only = assert_tokens_obey_the_rule(prompts, outputs, score(prompts, outputs), TOPK, DELTA)
     assert relaxed_only > 0, "no token needed the relaxed rule"
 
 

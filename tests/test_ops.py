@@ -358,29 +358,29 @@ def test_fused_step_rows_do_not_depend_on_the_batch():
 NO_IDS = torch.tensor([], dtype=torch.long)
 
 
-def verify_relaxed(logits, drafts, num_drafts, flags, top_n, delta, strict, strict_ids=NO_IDS):
-    return resolve(relaxed_verdict(logits, drafts, num_drafts, flags, top_n, delta, strict, strict_ids), num_drafts)
+def verify_relaxed(logits, drafts, num_drafts, flags, topk, delta, strict, strict_ids=NO_IDS):
+    return resolve(relaxed_verdict(logits, drafts, num_drafts, flags, topk, delta, strict, strict_ids), num_drafts)
 
 
-def relaxed(probs: list[float], draft: int, top_n: int, delta: float) -> tuple[int, int]:
+def relaxed(probs: list[float], draft: int, topk: int, delta: float) -> tuple[int, int]:
     """One flagged draft judged against raw-logit probabilities: (num_accepted, next token)."""
     logits = torch.log(t([probs, probs]))[None]
     drafts = t([[draft]])
-    result = verify_relaxed(logits, drafts, t([1]), t([[True]]), t([top_n]), t([delta]), greedy_verdict(logits, drafts))
+    result = verify_relaxed(logits, drafts, t([1]), t([[True]]), t([topk]), t([delta]), greedy_verdict(logits, drafts))
     return result.num_accepted.item(), next_tokens(result).item()
 
 
 P5 = [0.40, 0.30, 0.15, 0.10, 0.05]
 
 
-def test_relaxed_accepts_near_top_drafts_within_top_n():
-    assert relaxed(P5, 1, top_n=2, delta=0.15) == (1, 0)  # 0.30 >= 0.40 - 0.15: accepted, bonus is top-1
-    assert relaxed(P5, 1, top_n=2, delta=0.05) == (0, 0)  # too far below the top: the top-1 is emitted
-    assert relaxed(P5, 2, top_n=2, delta=1.0) == (0, 0)  # close enough, but third
+def test_relaxed_accepts_near_top_drafts_within_topk():
+    assert relaxed(P5, 1, topk=2, delta=0.15) == (1, 0)  # 0.30 >= 0.40 - 0.15: accepted, bonus is top-1
+    assert relaxed(P5, 1, topk=2, delta=0.05) == (0, 0)  # too far below the top: the top-1 is emitted
+    assert relaxed(P5, 2, topk=2, delta=1.0) == (0, 0)  # close enough, but third
 
 
 def test_relaxed_with_zero_delta_is_top_1():
-    assert [relaxed(P5, d, top_n=5, delta=0.0)[0] for d in range(5)] == [1, 0, 0, 0, 0]
+    assert [relaxed(P5, d, topk=5, delta=0.0)[0] for d in range(5)] == [1, 0, 0, 0, 0]
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(64, 4, 10, generator=gen)
     drafts = torch.where(torch.rand(64, 3, generator=gen) < 0.7, logits[:, :3].argmax(-1),
@@ -394,21 +394,21 @@ def test_relaxed_with_zero_delta_is_top_1():
     assert torch.equal(next_tokens(got), next_tokens(want))
 
 
-def test_relaxed_with_delta_above_top_1_is_top_n_membership():
-    assert [relaxed(P5, d, top_n=3, delta=0.4)[0] for d in range(5)] == [1, 1, 1, 0, 0]
-    assert [relaxed(P5, d, top_n=3, delta=1.0)[0] for d in range(5)] == [1, 1, 1, 0, 0]
+def test_relaxed_with_delta_above_top_1_is_topk_membership():
+    assert [relaxed(P5, d, topk=3, delta=0.4)[0] for d in range(5)] == [1, 1, 1, 0, 0]
+    assert [relaxed(P5, d, topk=3, delta=1.0)[0] for d in range(5)] == [1, 1, 1, 0, 0]
 
 
 def test_relaxed_with_n_1_is_top_1_whatever_delta():
-    assert [relaxed(P5, d, top_n=1, delta=1.0)[0] for d in range(5)] == [1, 0, 0, 0, 0]
+    assert [relaxed(P5, d, topk=1, delta=1.0)[0] for d in range(5)] == [1, 0, 0, 0, 0]
 
 
 def test_relaxed_ties_share_the_better_place():
     tied = [0.3, 0.3, 0.2, 0.2]
-    assert [relaxed(tied, d, top_n=3, delta=1.0)[0] for d in range(4)] == [1, 1, 1, 1]  # tie at the 3rd place is in
-    assert [relaxed(tied, d, top_n=2, delta=1.0)[0] for d in range(4)] == [1, 1, 0, 0]
-    assert [relaxed(tied, d, top_n=1, delta=0.0)[0] for d in range(4)] == [1, 1, 0, 0]  # either tied top-1 passes
-    assert relaxed(tied, 3, top_n=1, delta=0.0) == (0, 0)  # rejection emits the first of the tied top-1
+    assert [relaxed(tied, d, topk=3, delta=1.0)[0] for d in range(4)] == [1, 1, 1, 1]  # tie at the 3rd place is in
+    assert [relaxed(tied, d, topk=2, delta=1.0)[0] for d in range(4)] == [1, 1, 0, 0]
+    assert [relaxed(tied, d, topk=1, delta=0.0)[0] for d in range(4)] == [1, 1, 0, 0]  # either tied top-1 passes
+    assert relaxed(tied, 3, topk=1, delta=0.0) == (0, 0)  # rejection emits the first of the tied top-1
 
 
 def test_unflagged_positions_keep_the_strict_result():
@@ -566,11 +566,11 @@ def test_ops_trace_as_single_graphs():
     for got, want in zip(compiled(logits, *args), step(logits, *args)):
         assert torch.equal(got, want)
 
-    def v2_relaxed(logits, tokens, history, lengths, first_row, top_n, delta):
+    def v2_relaxed(logits, tokens, history, lengths, first_row, topk, delta):
         start = thinking_at_lengths(history, lengths, OPEN, CLOSE)
         thinking = thinking_flags_ragged(start, tokens, first_row, OPEN, CLOSE)
         forced = logits.clone()
-        force_tokens(forced, thinking & relaxed_accepts(logits, tokens, top_n, delta), tokens)
+        force_tokens(forced, thinking & relaxed_accepts(logits, tokens, topk, delta), tokens)
         return forced
 
     v2_args = (torch.randn(6, 10), t([1, OPEN, 2, 3, CLOSE, 4]), torch.randint(0, 9, (6, 8)), t([3, 3, 3, 5, 5, 5]),

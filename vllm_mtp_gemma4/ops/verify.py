@@ -54,7 +54,7 @@ def relaxed_verdict(
     drafts: Tensor,
     num_drafts: Tensor,
     in_thinking: Tensor,
-    top_n: Tensor,
+    topk: Tensor,
     delta: Tensor,
     strict: Verdict,
     strict_ids: Tensor,
@@ -64,7 +64,7 @@ def relaxed_verdict(
     strict rule's. Not lossless: meant for thinking text only."""
     has_draft = torch.arange(drafts.shape[1], device=drafts.device) < num_drafts[:, None]
     flagged = in_thinking & has_draft & ~strict_only(drafts, strict_ids)
-    relaxed = relaxed_accepts(target_logits[:, :-1], drafts, top_n[:, None], delta[:, None])
+    relaxed = relaxed_accepts(target_logits[:, :-1], drafts, topk[:, None], delta[:, None])
     return Verdict(strict.accept | (flagged & relaxed), strict.emit)
 
 
@@ -122,7 +122,7 @@ def verify_step(
     verdict = sampled_verdict(probs, drafts, uniform_noise(sampling.seed, positions))
     if relaxed is not None:
         flagged = relaxed.in_thinking & relaxed.rows[:, None]
-        verdict = relaxed_verdict(target_logits, drafts, num_drafts, flagged, relaxed.top_n, relaxed.delta, verdict,
+        verdict = relaxed_verdict(target_logits, drafts, num_drafts, flagged, relaxed.topk, relaxed.delta, verdict,
                                   relaxed.strict_ids)
     return resolve(verdict, num_drafts)
 
@@ -132,7 +132,7 @@ class RelaxedInputs(NamedTuple):
 
     in_thinking: Tensor  # [B, K] bool: draft j+1 is judged inside a thinking block
     rows: Tensor  # [B] bool: the row is relaxed while it thinks
-    top_n: Tensor  # [B] int
+    topk: Tensor  # [B] int
     delta: Tensor  # [B] float
     strict_ids: Tensor  # [S] ids accepted only by the strict rule (closing marker, EOS)
 

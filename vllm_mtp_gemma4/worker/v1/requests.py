@@ -48,7 +48,7 @@ class RowInputs(NamedTuple):
     first_position: Tensor  # int64 sequence index of the token drawn at slot 0
     thinking: Tensor  # bool: inside a thinking block after the committed tokens
     relaxed: Tensor  # bool: relaxed acceptance applies to this row while it thinks
-    top_n: Tensor  # int64
+    topk: Tensor  # int64
     delta: Tensor  # float32
     min_p: Tensor | None  # float32; None when no row uses it
     logit_bias: tuple[Tensor, Tensor, Tensor] | None  # (rows, token ids, values); None when no row uses it
@@ -149,7 +149,7 @@ class RequestTracker:
         key = np.empty(rows, np.int64)
         thinking = np.zeros(rows, bool)
         relaxed = np.zeros(rows, bool)
-        top_n = np.empty(rows, np.int64)
+        topk = np.empty(rows, np.int64)
         delta = np.empty(rows, np.float32)
         min_p = np.zeros(rows, np.float32)
         bias_rows: list[int] = []
@@ -167,7 +167,7 @@ class RequestTracker:
             key[row] = state.key
             thinking[row] = state.thinking
             relaxed[row] = state.relaxed.enabled and (state.relaxed_greedy or not temperature_is_greedy[row])
-            top_n[row] = state.relaxed.topk
+            topk[row] = state.relaxed.topk
             delta[row] = state.relaxed.delta
             min_p[row] = state.min_p
             for token_id, value in state.logit_bias.items():
@@ -190,7 +190,7 @@ class RequestTracker:
             first_position=to(num_tokens[:rows].astype(np.int64)),
             thinking=to(thinking),
             relaxed=to(relaxed),
-            top_n=to(top_n),
+            topk=to(topk),
             delta=to(delta),
             min_p=to(min_p) if min_p.any() else None,
             logit_bias=logit_bias,

@@ -111,7 +111,7 @@ class StepVerifier(RejectionSampler):
             positions = rows.first_position[:, None] + torch.arange(k + 1, device=device)
             relaxed = None
             if any_relaxed:
-                relaxed = RelaxedInputs(self._thinking(rows, drafts), rows.relaxed, rows.top_n, rows.delta,
+                relaxed = RelaxedInputs(self._thinking(rows, drafts), rows.relaxed, rows.topk, rows.delta,
                                         torch.tensor(self.strict_ids, dtype=torch.long, device=device))
             verification = verify_step(target, drafts, num_drafts, sampling, positions, relaxed, rows.max_top_k)
         sampled = accepted_rows(drafts, verification).to(torch.int32)

@@ -58,7 +58,7 @@ class RelaxedAcceptanceProcessor(LogitsProcessor):
             dtype=torch.long, device=self.device)
         # Per request slot, on the host (uploaded whole when a step has relaxed rows).
         self.relaxed = np.zeros(req_states.max_num_reqs, dtype=bool)
-        self.top_n = np.zeros(req_states.max_num_reqs, dtype=np.int64)
+        self.topk = np.zeros(req_states.max_num_reqs, dtype=np.int64)
         self.delta = np.zeros(req_states.max_num_reqs, dtype=np.float32)
         logger.info("vllm-mtp-gemma4: relaxed acceptance on Model Runner V2 (thinking markers %s/%s, strict-only "
                     "ids %s)", self.open_id, self.close_id, self.strict_ids.tolist())
@@ -68,7 +68,7 @@ class RelaxedAcceptanceProcessor(LogitsProcessor):
         greedy = sampling_params.temperature < GREEDY_TEMPERATURE
         on = settings.enabled and (opted_in or not greedy) and None not in (self.open_id, self.close_id)
         self.relaxed[req_idx] = on
-        self.top_n[req_idx] = settings.topk
+        self.topk[req_idx] = settings.topk
         self.delta[req_idx] = settings.delta
         return bool(on)
 
@@ -91,9 +91,9 @@ class RelaxedAcceptanceProcessor(LogitsProcessor):
         thinking = thinking_flags_ragged(start, tokens, row - local, self.open_id, self.close_id)
 
         relaxed = torch.from_numpy(self.relaxed).to(self.device, non_blocking=True)[slot]
-        top_n = torch.from_numpy(self.top_n).to(self.device, non_blocking=True)[slot]
+        topk = torch.from_numpy(self.topk).to(self.device, non_blocking=True)[slot]
         delta = torch.from_numpy(self.delta).to(self.device, non_blocking=True)[slot]
         draft = draft.clamp(min=0)
         flagged = relaxed & has_draft & thinking & ~strict_only(draft, self.strict_ids)
-        force_tokens(logits, flagged & relaxed_accepts(logits, draft, top_n, delta), draft)
+        force_tokens(logits, flagged & relaxed_accepts(logits, draft, topk, delta), draft)
         return logits
