@@ -15,11 +15,13 @@ worker node lost mid-generation (last: it ends the cluster's worker node).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -336,6 +338,40 @@ def test_two_nodes_bytes_per_token(tp2_two_nodes):
           f"{result.generated_tokens} tokens, {per_token / 1e3:.1f} KB per generated token, "
           f"acceptance length {result.spec.mean_acceptance_length:.2f}")
     assert per_token > 100_000  # at least the target's logits gather crossed: the collectives ran on the veth
+
+
+def test_two_nodes_vllm_serve_as_the_readme_says(two_nodes, held_out_prompts, plain_greedy, tmp_path):
+    """The README's command on the head node, ``vllm serve <target> --speculative-config configs/mtp.json
+    --tensor-parallel-size 2 --distributed-executor-backend ray``, with the ranks on the two nodes: a completion
+    asked from inside the head's network namespace is plain decoding's text."""
+    port = 8000  # inside the head node's own network namespace, where nothing else listens
+    log = tmp_path / "serve.log"
+    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(ENGINE["model"]), "--speculative-config",
+               SHIPPED_MTP_JSON, "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray",
+               "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--gpu-memory-utilization", "0.2",
+               "--port", str(port)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **HEAD_ENV, **two_nodes.head.env}
+    body = json.dumps({"model": str(ENGINE["model"]), "prompt": held_out_prompts[0], "max_tokens": 64,
+                       "temperature": 0})
+    text = None
+    with log.open("w") as out:
+        server = subprocess.Popen([*_on_head(two_nodes), *command], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while text is None and time.monotonic() < deadline and server.poll() is None:
+            reply = subprocess.run([*two_nodes.head.launcher, "curl", "-sf", "-H", "Content-Type: application/json",
+                                    "-d", body, f"http://127.0.0.1:{port}/v1/completions"],
+                                   capture_output=True, text=True)
+            if reply.returncode == 0:
+                text = json.loads(reply.stdout)["choices"][0]["text"]
+            else:
+                time.sleep(2)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert text == plain_greedy.texts[0], log.read_text()[-4000:]
+    assert "Gemma4MTPProposer drafting K=3" in log.read_text()
 
 
 def test_two_nodes_pp2_is_refused_at_start(held_out_prompts, two_nodes):
