@@ -215,23 +215,30 @@ def test_more_ranks_than_the_ray_cluster_holds_fails_fast(held_out_prompts, ray_
     assert time.monotonic() - start < 120
 
 
-def test_killed_ray_worker_fails_the_engine_promptly(held_out_prompts, ray_cluster):
-    """SIGKILL one Ray worker mid-generation: the job ends with an error within FAULT_REPORT_S, nothing hangs."""
-    outcome: dict[str, object] = {}
+def _long_generation(job: Job, launcher: list[str], outcome: dict[str, object]) -> threading.Thread:
+    """``job`` generating far longer than the test waits, started in a thread; ``outcome`` gets its error log (None
+    if it ended well) and when it ended."""
+    job.sampling = {"temperature": 0.0, "max_tokens": 1024, "ignore_eos": True}
 
     def generate() -> None:
         try:
-            run_job(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SPEC}, prompts=held_out_prompts * 2,
-                        sampling={"temperature": 0.0, "max_tokens": 1024, "ignore_eos": True},
-                        env={**TP2_ENV, **ray_cluster.env}),
-                    launcher=ray_cluster.launcher, timeout=600)
+            run_job(job, launcher=launcher, timeout=600)
             outcome["error"] = None
         except JobFailed as e:
             outcome["error"] = e.log
         outcome["ended"] = time.monotonic()
 
-    job = threading.Thread(target=generate)
-    job.start()
+    thread = threading.Thread(target=generate)
+    thread.start()
+    return thread
+
+
+def test_killed_ray_worker_fails_the_engine_promptly(held_out_prompts, ray_cluster):
+    """SIGKILL one Ray worker mid-generation: the job ends with an error within FAULT_REPORT_S, nothing hangs."""
+    outcome: dict[str, object] = {}
+
+    job = _long_generation(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SPEC}, prompts=held_out_prompts * 2,
+                               env={**TP2_ENV, **ray_cluster.env}), ray_cluster.launcher, outcome)
     deadline = time.monotonic() + 300
     busy: list[int] = []
     while not busy and job.is_alive() and time.monotonic() < deadline:
@@ -406,20 +413,9 @@ def test_lost_worker_node_fails_the_engine_promptly(held_out_prompts, two_nodes,
     the engine fails within FAULT_REPORT_S naming the lost rank or node, and a new engine starts on the head."""
     outcome: dict[str, object] = {}
 
-    def generate() -> None:
-        try:
-            run_job(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SHIPPED_MTP_JSON},
-                        prompts=held_out_prompts * 2,
-                        sampling={"temperature": 0.0, "max_tokens": 1024, "ignore_eos": True},
-                        env={**HEAD_ENV, **two_nodes.head.env}),
-                    launcher=_on_head(two_nodes), timeout=600)
-            outcome["error"] = None
-        except JobFailed as e:
-            outcome["error"] = e.log
-        outcome["ended"] = time.monotonic()
-
-    job = threading.Thread(target=generate)
-    job.start()
+    job = _long_generation(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SHIPPED_MTP_JSON},
+                               prompts=held_out_prompts * 2, env={**HEAD_ENV, **two_nodes.head.env}),
+                           _on_head(two_nodes), outcome)
     deadline = time.monotonic() + 300
     while not two_nodes.worker.processes("CPURayWorkerProc.run") and job.is_alive() and time.monotonic() < deadline:
         time.sleep(0.5)
