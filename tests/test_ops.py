@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,19 +10,23 @@ from scipy import stats
 
 from vllm_mtp_gemma4.ops import (
     Calibration,
+    CostFit,
+    DraftPlan,
     RelaxedInputs,
     SamplingTensors,
+    StepCost,
     Verdict,
     Verification,
     accepted_rows,
     choose_num_drafts,
     draft_chances,
     draft_survival,
-    draft_threshold,
+    exploring,
     force_tokens,
     greedy_verdict,
     head_indices,
     next_tokens,
+    plan_drafts,
     process_logits,
     reduce_top1,
     relaxed_accepts,
@@ -99,6 +104,10 @@ def test_noise_matches_the_reference_hash_without_int64_overflow():
     want = [[_reference_noise(s, c, 3) for c in counters] for s in seeds]
     assert got.dtype == torch.float64
     assert got.tolist() == want
+    # The fused step computes it on the host with numpy: the same bits.
+    on_host = uniform_noise(np.array(seeds), np.array([counters] * len(seeds)), stream=3)
+    assert on_host.dtype == np.float64
+    assert on_host.tolist() == want
 
 
 def test_a_token_far_below_float32_resolution_owns_exactly_its_interval():
@@ -589,10 +598,83 @@ def test_partial_top_k_matches_the_full_sort():
 # ---------------------------------------------------------------- adaptive K
 
 
-def test_adaptive_threshold_grows_with_batch_to_its_cap():
-    assert draft_threshold(1, 0.3, 16) == pytest.approx(0.3 / 16)
-    assert draft_threshold(8, 0.3, 16) == pytest.approx(0.15)
-    assert draft_threshold(64, 0.3, 16) == pytest.approx(0.3)
+def _true_seconds(rows: int, positions: int, steps: int) -> float:
+    """A step cost with the shape measured on the fixture: a fixed part, a part per verified position, and a
+    part per draft step that grows with the batch."""
+    return 0.005 + 0.0003 * positions + steps * (0.0008 + 0.00005 * rows)
+
+
+def _fitted_cost(seed: int = 0, noise: float = 0.05) -> CostFit:
+    generator = torch.Generator().manual_seed(seed)
+    cost = StepCost()
+    for _ in range(400):
+        rows = int(torch.randint(1, 33, (1,), generator=generator))
+        steps = int(torch.randint(0, 4, (1,), generator=generator))
+        positions = rows + int(torch.randint(0, rows * steps + 1, (1,), generator=generator))
+        jitter = 1 + noise * float(torch.randn(1, generator=generator))
+        cost.observe(rows, positions, steps, _true_seconds(rows, positions, steps) * jitter)
+    return cost.fit()
+
+
+def _rate(rows: int, survival: torch.Tensor, plan: DraftPlan) -> float:
+    """True expected tokens per second of a plan."""
+    gained = sum(float(survival[i, : int(n)].sum()) for i, n in enumerate(plan.counts))
+    return (rows + gained) / _true_seconds(rows, rows + int(plan.counts.sum()), plan.steps)
+
+
+def test_step_cost_fit_recovers_the_cost_from_noisy_steps():
+    fit = _fitted_cost()
+    for rows, positions, steps in [(1, 1, 0), (1, 4, 3), (8, 24, 2), (32, 32, 0), (32, 128, 3)]:
+        assert float(fit.seconds(rows, positions, steps)) == pytest.approx(_true_seconds(rows, positions, steps),
+                                                                          rel=0.03)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8, 16, 32])
+@pytest.mark.parametrize("acceptance", [0.3, 0.6, 0.9])
+def test_plan_is_the_best_uniform_plan_or_better(rows, acceptance):
+    """Against every fixed K (plain decoding included) under the true cost, the plan from the fitted cost is within
+    2 % of the best, and the plan is a plain step exactly when drafting does not pay."""
+    survival = torch.full((rows, 3), acceptance, dtype=torch.float64).cumprod(dim=1)
+    plan = plan_drafts(survival, _fitted_cost())
+    uniform = [DraftPlan(k, torch.full((rows,), k), 0.0, 0.0) for k in range(4)]
+    best = max(uniform, key=lambda p: _rate(rows, survival, p))
+    assert _rate(rows, survival, plan) >= 0.98 * _rate(rows, survival, best)
+    plain, drafting = _rate(rows, survival, uniform[0]), max(_rate(rows, survival, p) for p in uniform[1:])
+    if plain > 1.02 * drafting:
+        assert plan.steps == 0
+    if drafting > 1.02 * plain:
+        assert plan.steps > 0
+
+
+def test_plan_sends_drafts_only_where_they_pay():
+    """Rows that accept well get drafts, rows that never do get none; counts never exceed S."""
+    fit = _fitted_cost()
+    rates = torch.tensor([0.95] * 4 + [0.05] * 4, dtype=torch.float64)
+    survival = rates[:, None].expand(8, 3).cumprod(dim=1)
+    plan = plan_drafts(survival, fit)
+    assert plan.steps >= 1
+    assert plan.counts[:4].min() >= 1 and plan.counts[4:].max() == 0
+    assert int(plan.counts.max()) <= plan.steps
+    assert 0 < plan.tau < 0.95
+
+
+def test_plain_step_when_nothing_is_worth_verifying():
+    plan = plan_drafts(torch.full((16, 3), 0.01, dtype=torch.float64).cumprod(dim=1), _fitted_cost())
+    assert plan.steps == 0 and plan.counts.tolist() == [0] * 16
+
+
+def test_cost_floor_bounds_extrapolation():
+    """A fit that extrapolates to a negative time is floored at the fastest step seen."""
+    fit = CostFit(torch.tensor([-0.01, 0.0, 0.001, 0.0, 0.0], dtype=torch.float64), floor=0.004)
+    assert float(fit.seconds(1, 1, 0)) == pytest.approx(0.004)
+    assert CostFit.from_tensor(fit.to_tensor()).floor == 0.004
+
+
+def test_exploring_visits_the_neighbouring_plans():
+    full = DraftPlan(3, torch.tensor([3, 2, 0]), 0.2, 100.0)
+    assert exploring(full, 3).steps == 2 and exploring(full, 3).counts.tolist() == [2, 2, 0]
+    plain = DraftPlan(0, torch.zeros(3, dtype=torch.int64), 0.5, 100.0)
+    assert exploring(plain, 3).steps == 1 and exploring(plain, 3).counts.tolist() == [1, 1, 1]
 
 
 def test_adaptive_counts_follow_calibrated_survival():

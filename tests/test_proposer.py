@@ -19,6 +19,14 @@ def test_plugin_proposer_ran_and_is_visible(plugin_mtp_greedy, upstream_mtp_gree
     assert "vllm:mtp_gemma4_proposer_info" not in upstream_mtp_greedy.metrics
 
 
+def test_drafts_are_those_of_vllms_loop(plugin_mtp_greedy, upstream_mtp_greedy):
+    """The plugin's draft loop (B gathered rows, metadata once) drafts what vLLM's does: greedy verification of the
+    same drafts accepts the same number at every position, on all 32 prompts."""
+    assert "draft loop the plugin's" in plugin_mtp_greedy.log
+    assert plugin_mtp_greedy.token_ids == upstream_mtp_greedy.token_ids
+    assert plugin_mtp_greedy.spec == upstream_mtp_greedy.spec
+
+
 def test_draft_reads_last_unshared_sliding_and_full_target_layers(plugin_mtp_greedy):
     # Target layers 0-5 own KV (6-7 share it): the last sliding one is 5, the last full one is 3.
     assert "{0: 'model.layers.5.self_attn.attn', 1: 'model.layers.3.self_attn.attn'}" in plugin_mtp_greedy.log

@@ -51,8 +51,6 @@ class PluginConfig:
     relaxed_topk: int = 10
     relaxed_delta: float = 0.6
     adaptive_k: bool = False
-    adaptive_threshold: float = 0.3
-    adaptive_batch_scale: int = 16
 
     @classmethod
     def from_dict(cls, section: Any, where: str = SECTION) -> PluginConfig:
@@ -65,12 +63,6 @@ class PluginConfig:
         for flag in ("fused", "adaptive_k"):
             if not isinstance(section.get(flag, False), bool | None):
                 raise MTPConfigError(f"{where}.{flag}: must be true or false, got {section[flag]!r}")
-        threshold = section.get("adaptive_threshold", 0.3)
-        if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
-            raise MTPConfigError(f"{where}.adaptive_threshold: must be a number in [0, 1], got {threshold!r}")
-        scale = section.get("adaptive_batch_scale", 16)
-        if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
-            raise MTPConfigError(f"{where}.adaptive_batch_scale: must be an integer >= 1, got {scale!r}")
         check_relaxed_options(section, where)
         return cls(**section)
 

@@ -1,10 +1,12 @@
 """Pure tensor functions of the speculative step: verification (greedy, lossless sampled, relaxed), counter-based
-noise and the processed distribution, thinking state, the vocab-parallel argmax, adaptive draft counts.
+noise and the processed distribution, thinking state, the vocab-parallel argmax, adaptive draft counts and the
+step cost model.
 
 Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 """
 
-from .adaptive import Calibration, choose_num_drafts, draft_chances, draft_survival, draft_threshold
+from .adaptive import Calibration, choose_num_drafts, draft_chances, draft_survival
+from .cost import CostFit, DraftPlan, StepCost, exploring, plan_drafts
 from .relaxed import force_tokens, relaxed_accepts, strict_only
 from .sampling import (
     GREEDY_TEMPERATURE,
@@ -50,7 +52,11 @@ __all__ = [
     "choose_num_drafts",
     "draft_chances",
     "draft_survival",
-    "draft_threshold",
+    "CostFit",
+    "DraftPlan",
+    "StepCost",
+    "exploring",
+    "plan_drafts",
     "greedy_verdict",
     "head_indices",
     "next_tokens",

@@ -9,10 +9,10 @@ The rule, deterministic and per row:
    then 91 % of the drafts that reach it), so ``r`` is learnt per request and step from the request's own
    accept/reject outcomes (``Calibration``, on the host), starting from an engine-wide estimate.
 2. ``s_j = q_1 * ... * q_j`` is then the chance that verifying position j adds a token.
-3. A position is worth verifying when ``s_j`` reaches the batch's threshold ``tau(B) = threshold *
-   min(1, B / batch_scale)``. At batch 1 a verified position costs almost nothing (the step's fixed cost
-   dominates), so nearly every draft goes; at large batches each position costs target compute, so only likely
-   ones go.
+3. A position is worth verifying when ``s_j`` reaches the step's threshold ``tau``, which the cost model sets
+   (``ops/cost.py``): the tokens per second of the step's plan times what one more verified position costs. At
+   batch 1 a verified position costs little next to the step's fixed cost, so nearly every draft goes; where
+   each position costs real target compute, only likely ones go.
 4. A row verifies the longest prefix of positions that pass: ``k = #{j : s_j >= tau}`` (``s`` only falls).
 """
 
@@ -24,11 +24,6 @@ from torch import Tensor
 
 CALIBRATION_RANGE = (0.25, 64.0)
 PRIOR_CONFIDENCE = 0.1
-
-
-def draft_threshold(batch_size: int, threshold: float, batch_scale: int) -> float:
-    """``tau(B)``: the chance a verified position must have of adding a token at this batch size (a host float)."""
-    return threshold * min(1.0, batch_size / batch_scale)
 
 
 def draft_chances(confidence: Tensor, calibration: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -106,20 +107,23 @@ def verify_step(
     drafts: Tensor,
     num_drafts: Tensor,
     sampling: SamplingTensors,
-    positions: Tensor,
+    positions: Tensor | np.ndarray,
     relaxed: RelaxedInputs | None = None,
     max_top_k: int | None = None,
 ) -> Verification:
     """The whole verification of one step, greedy and sampled rows together, for argmax drafts.
 
     Greedy rows get a one-hot p~, so the sampled rule reduces to the greedy one for them. positions[B, K+1] are
-    the absolute positions of the tokens being drawn (the noise counters). With ``relaxed``, relaxed acceptance
-    applies at its flagged positions (in_thinking[B, K]) of its rows (rows[B]); None means no row is relaxed.
+    the absolute positions of the tokens being drawn (the noise counters); with ``sampling.seed``, on the host or
+    the device (``uniform_noise``), the noise is made there and then moved to the logits' device. With
+    ``relaxed``, relaxed acceptance applies at its flagged positions (in_thinking[B, K]) of its rows (rows[B]);
+    None means no row is relaxed.
     ``max_top_k`` is ``process_logits``'.
     """
     probs = process_logits(target_logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
                            max_top_k)
-    verdict = sampled_verdict(probs, drafts, uniform_noise(sampling.seed, positions))
+    uniforms = torch.as_tensor(uniform_noise(sampling.seed, positions)).to(probs.device, non_blocking=True)
+    verdict = sampled_verdict(probs, drafts, uniforms)
     if relaxed is not None:
         flagged = relaxed.in_thinking & relaxed.rows[:, None]
         verdict = relaxed_verdict(target_logits, drafts, num_drafts, flagged, relaxed.topk, relaxed.delta, verdict,

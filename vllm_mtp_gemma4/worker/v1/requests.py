@@ -31,21 +31,25 @@ class RequestState:
     logit_bias: dict[int, float]
     thinking: bool = False
     scanned: int = 0  # committed tokens already walked for ``thinking``
-    # Adaptive K (``ops/adaptive.py``): how far to trust the assistant's confidence at each draft step for this
-    # request, the assistant's confidence in the drafts it has in flight, and how many it sent last.
+    # Adaptive K (``ops/adaptive.py``, ``ops/cost.py``): the rate at which its drafts are accepted at each draft
+    # step (given the ones before were), how far to trust the assistant's confidence at each step, and the
+    # assistant's confidence in the drafts it has in flight.
+    acceptance: list[float] = field(default_factory=list)
     calibration: list[Calibration] = field(default_factory=list)
     pending_confidence: list[float] = field(default_factory=list)
-    last_count: int | None = None
 
 
 INITIAL_CALIBRATION = 4.0
+# Optimistic start: drafts get sent, so the outcomes that correct the estimates get observed.
+INITIAL_ACCEPTANCE = 0.8
+REQUEST_WEIGHT, ENGINE_WEIGHT = 0.2, 0.02  # exponential weights of one outcome, per request and engine-wide
 
 
 class RowInputs(NamedTuple):
-    """The step's per-row inputs, [B] each, on the device."""
+    """The step's per-row inputs, [B] each, on the device unless said."""
 
-    key: Tensor  # int64 noise key
-    first_position: Tensor  # int64 sequence index of the token drawn at slot 0
+    key: np.ndarray  # int64 noise key, on the host (the noise is computed there)
+    first_position: np.ndarray  # int64 sequence index of the token drawn at slot 0, on the host
     thinking: Tensor  # bool: inside a thinking block after the committed tokens
     relaxed: Tensor  # bool: relaxed acceptance applies to this row while it thinks
     topk: Tensor  # int64
@@ -63,35 +67,36 @@ def request_key(req_id: str) -> int:
 class RequestTracker:
     """Keeps ``RequestState`` per request id and turns the batch's rows into ``RowInputs``."""
 
-    def __init__(self, config: PluginConfig, thinking_open_id: int | None, thinking_close_id: int | None) -> None:
+    def __init__(self, config: PluginConfig, thinking_open_id: int | None, thinking_close_id: int | None,
+                 max_k: int) -> None:
         self.config = config
         self.open_id = thinking_open_id
         self.close_id = thinking_close_id
         self.states: dict[str, RequestState] = {}
-        self.calibration: list[Calibration] = []  # engine-wide, per draft step: where a new request's starts
+        # Engine-wide, per draft step: where a new request's estimates start.
+        self.acceptance = [INITIAL_ACCEPTANCE] * max_k
+        self.calibration = [Calibration.start(INITIAL_CALIBRATION)] * max_k
 
-    def draft_steps(self, req_ids: list[str], max_k: int) -> int:
-        """Draft steps to run: one more than the longest list any of these requests sent last (new ones: all)."""
-        counts = [self.states[r].last_count if r in self.states else None for r in req_ids]
-        if not counts or None in counts:
-            return max_k
-        return min(max_k, max(counts) + 1)
+    def survival(self, req_ids: list[str], max_k: int) -> Tensor:
+        """[B, K] host float64: each request's chance that its drafts 1..j are all accepted, from its acceptance
+        rates (new requests start from the engine-wide ones)."""
+        rates = []
+        for req_id in req_ids:
+            state = self.states.get(req_id)
+            rates.append((state.acceptance if state is not None else self.acceptance)[:max_k])
+        return torch.tensor(rates, dtype=torch.float64).reshape(len(req_ids), max_k).cumprod(dim=1)
 
     def calibrations(self, req_ids: list[str], max_k: int) -> list[list[float]]:
         """[B][K] per-step calibration of each request (new ones start from the engine-wide estimate)."""
-        if len(self.calibration) < max_k:
-            # Optimistic start: drafts get sent, so the outcomes that correct the estimate get observed.
-            self.calibration += [Calibration.start(INITIAL_CALIBRATION)] * (max_k - len(self.calibration))
         rows = []
         for req_id in req_ids:
             state = self.states.get(req_id)
-            if state is not None and len(state.calibration) < max_k:
-                state.calibration += self.calibration[len(state.calibration):max_k]
             rows.append([c.ratio for c in (state.calibration if state is not None else self.calibration)[:max_k]])
         return rows
 
     def observe_acceptance(self, req_ids: list[str], num_drafts: list[int], sampled: Tensor) -> None:
-        """Update calibrations with the outcome of every draft just verified (sampled: host, -1 padded).
+        """Update acceptance rates and calibrations with the outcome of every draft just verified (sampled: host,
+        -1 padded).
 
         With a accepted out of n, drafts 1..a were accepted and draft a+1 (if a < n) was rejected; later drafts
         were never judged.
@@ -99,18 +104,24 @@ class RequestTracker:
         accepted = ((sampled != -1).sum(dim=1) - 1).tolist()
         for req_id, n, a in zip(req_ids, num_drafts, accepted):
             state = self.states.get(req_id)
-            if state is None:
+            if state is None or n == 0:
                 continue
-            for step, confidence in enumerate(state.pending_confidence[:min(n, a + 1)]):
+            judged = min(n, a + 1)
+            for step in range(judged):
+                outcome = float(step < a)
+                state.acceptance[step] += REQUEST_WEIGHT * (outcome - state.acceptance[step])
+                self.acceptance[step] += ENGINE_WEIGHT * (outcome - self.acceptance[step])
+            for step, confidence in enumerate(state.pending_confidence[:judged]):
                 outcome = step < a
-                state.calibration[step] = state.calibration[step].update(confidence, outcome)
-                self.calibration[step] = self.calibration[step].update(confidence, outcome, weight=0.02)
+                state.calibration[step] = state.calibration[step].update(confidence, outcome, REQUEST_WEIGHT)
+                self.calibration[step] = self.calibration[step].update(confidence, outcome, ENGINE_WEIGHT)
 
-    def expect(self, req_ids: list[str], counts: list[int], confidence: list[list[float]]) -> None:
-        for req_id, count, row in zip(req_ids, counts, confidence):
+    def expect(self, req_ids: list[str], counts: list[int], confidence: list[list[float]] | None) -> None:
+        """The drafts each request sends next, and the assistant's confidence in them (None: not known)."""
+        for row, (req_id, count) in enumerate(zip(req_ids, counts)):
             state = self.states.get(req_id)
             if state is not None:
-                state.last_count, state.pending_confidence = count, row[:count]
+                state.pending_confidence = [] if confidence is None else confidence[row][:count]
 
     def forget(self, req_ids: set[str]) -> None:
         for req_id in req_ids:
@@ -122,6 +133,7 @@ class RequestTracker:
             relaxed, opted_in = self.config.relaxed_for_request(sampling_params.extra_args)
             seed = sampling_params.seed
             state = RequestState(
+                acceptance=list(self.acceptance),
                 calibration=list(self.calibration),
                 key=request_key(req_id) if seed is None else seed,
                 relaxed=relaxed,
@@ -186,8 +198,8 @@ class RequestTracker:
                 torch.tensor(bias_values, dtype=torch.float32, device=device),
             )
         inputs = RowInputs(
-            key=to(key),
-            first_position=to(num_tokens[:rows].astype(np.int64)),
+            key=key,
+            first_position=num_tokens[:rows].astype(np.int64),
             thinking=to(thinking),
             relaxed=to(relaxed),
             topk=to(topk),

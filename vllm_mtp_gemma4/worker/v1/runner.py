@@ -5,9 +5,10 @@ One speculative step, composed in ``sample_tokens`` top to bottom:
 1. merge: the scheduler already placed each row's drafts after its new token (vLLM's layout, known on the host);
 2. target forward: ``execute_model`` (vLLM's, unchanged);
 3. verify: ``StepVerifier`` over the plugin's ops, for every row (drafted or not);
-4. shift and 5. K draft steps: the proposer, from the device-side verification result. With adaptive K it runs
-   one step more than the batch's longest draft list last time, and each request's count is chosen on the device
-   from the assistant's confidence (``ops/adaptive.py``);
+4. shift and 5. K draft steps: the proposer, from the device-side verification result. With adaptive K the cost
+   model (``ops/cost.py``) plans the step first, from each request's acceptance rates and the engine's measured
+   step times: S draft steps (0: none, and the next step is a plain one) and each request's count, which the
+   assistant's confidence then refines on the device (``ops/adaptive.py``);
 6. one host read of ``[sampled ids | next drafts (| draft counts, beliefs)]``, from which bookkeeping and the
    next step's drafts are built.
 
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from vllm.distributed import get_tp_group
 from vllm.tokenizers import cached_tokenizer_from_config
 from vllm.v1.outputs import ModelRunnerOutput, SamplerOutput
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
@@ -40,10 +42,14 @@ from vllm_mtp_gemma4.config import PluginConfig, strict_token_ids, thinking_mark
 from vllm_mtp_gemma4.log import get_logger
 from vllm_mtp_gemma4.ops import (
     GREEDY_TEMPERATURE,
+    CostFit,
+    DraftPlan,
+    StepCost,
     choose_num_drafts,
     draft_chances,
     draft_survival,
-    draft_threshold,
+    exploring,
+    plan_drafts,
 )
 from vllm_mtp_gemma4.worker import STEP_PHASES
 from vllm_mtp_gemma4.worker.v1.host_reads import HostReadCounter, counting_enabled, device_tensors
@@ -53,6 +59,12 @@ from vllm_mtp_gemma4.worker.v1.verifier import StepVerifier
 
 logger = get_logger(__name__)
 
+# Adaptive K: the cost is refitted every REFIT_STEPS fused steps (on every tensor-parallel rank from rank 0's fit,
+# so all ranks plan alike), once FIT_SAMPLES pure-decode steps were timed; until then the plans cycle through
+# S = K..0, so that the fit sees each. Every EXPLORE_EVERY-th plan is a neighbouring one (``ops.exploring``).
+REFIT_STEPS = 16
+FIT_SAMPLES = 16
+EXPLORE_EVERY = 16
 
 
 class FusedStepMixin:
@@ -71,9 +83,15 @@ class FusedStepMixin:
         self.plugin_config = config
         tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
         open_id, close_id = thinking_marker_ids(tokenizer)
-        self.tracker = RequestTracker(config, open_id, close_id)
+        self.tracker = RequestTracker(config, open_id, close_id, self.num_spec_tokens)
         self.verifier = StepVerifier(self.sampler, open_id, close_id,
                                      strict_token_ids(tokenizer, vllm_config.model_config.hf_text_config.eos_token_id))
+        self.step_cost = StepCost()
+        self.cost_fit: CostFit | None = None
+        self.plans = 0
+        self.plain_steps = 0  # steps whose plan drafted nothing
+        self._step_started: float | None = None
+        self._timed_step: tuple[int, int, int] | None = None  # (B, N, S) of the running step, if pure decode
         logger.info("vllm-mtp-gemma4: fused target-verify step on (thinking markers %s/%s)", open_id, close_id)
 
     @contextmanager
@@ -86,8 +104,50 @@ class FusedStepMixin:
     def execute_model(self, scheduler_output, *args: Any, **kwargs: Any):
         if not self.fused:
             return super().execute_model(scheduler_output, *args, **kwargs)
+        if self.plugin_config.adaptive_k:
+            self._time_step(scheduler_output)
         with self._phase("target"):
             return super().execute_model(scheduler_output, *args, **kwargs)
+
+    def _time_step(self, scheduler_output) -> None:
+        """One sample for the cost model: the previous step's (B, N, S) and the seconds from its start to this one's
+        (everything the engine did for it). Only pure-decode steps count, and not across new arrivals (idle time)."""
+        now = time.perf_counter()
+        if self._timed_step is not None and not scheduler_output.scheduled_new_reqs:
+            self.step_cost.observe(*self._timed_step, now - self._step_started)
+        self._step_started, self._timed_step = now, None
+        rows = len(scheduler_output.num_scheduled_tokens)
+        drafts = sum(len(d) for d in scheduler_output.scheduled_spec_decode_tokens.values())
+        if rows and scheduler_output.total_num_scheduled_tokens == rows + drafts:
+            self._timed_step = (rows, rows + drafts, 0)  # S is known once the step is planned
+
+    def _plan(self, req_ids: list[str]) -> DraftPlan:
+        """This step's draft steps and each request's draft count (``ops/cost.py``)."""
+        k = self.num_spec_tokens
+        if self.fused_steps % REFIT_STEPS == 0:
+            self._refit()
+        self.plans += 1
+        rows = len(req_ids)
+        if self.cost_fit is None:  # not fitted yet: cycle S = K..0, every request sending all S
+            steps = k - (self.plans - 1) % (k + 1)
+            plan = DraftPlan(steps, torch.full((rows,), steps, dtype=torch.int64), 0.0, 0.0)
+        else:
+            plan = plan_drafts(self.tracker.survival(req_ids, k), self.cost_fit)
+            if self.plans % EXPLORE_EVERY == 0:
+                plan = exploring(plan, k)
+        if self._timed_step is not None:
+            self._timed_step = (*self._timed_step[:2], plan.steps)
+        self.plain_steps += plan.steps == 0
+        return plan
+
+    def _refit(self) -> None:
+        fit = self.step_cost.fit() if self.step_cost.samples >= FIT_SAMPLES else None
+        group = get_tp_group()
+        if group.world_size > 1:  # every rank plans with rank 0's fit: the plans, and so the collectives, agree
+            packed = fit.to_tensor() if fit is not None else torch.full((6,), float("nan"), dtype=torch.float64)
+            packed = group.broadcast(packed.to(self.device), src=0).cpu()
+            fit = None if packed.isnan().any() else CostFit.from_tensor(packed)
+        self.cost_fit = fit
 
     def _update_states(self, scheduler_output):
         result = super()._update_states(scheduler_output)
@@ -170,8 +230,8 @@ class FusedStepMixin:
         req_ids = self.input_batch.req_ids
         with self._phase("host"):
             if chosen is not None:
-                num_drafts = spec_decode_metadata.num_draft_tokens if spec_decode_metadata else [0] * len(req_ids)
-                self.tracker.observe_acceptance(req_ids, num_drafts, sampled)
+                if spec_decode_metadata is not None:
+                    self.tracker.observe_acceptance(req_ids, spec_decode_metadata.num_draft_tokens, sampled)
                 counts, confidence = chosen
                 self.tracker.expect(req_ids, counts, confidence)
                 next_drafts = [row[:n] for row, n in zip(next_drafts, counts)]
@@ -211,10 +271,11 @@ class FusedStepMixin:
         adaptive = self.plugin_config.adaptive_k
         req_ids = self.input_batch.req_ids
         with self._phase("draft"):
-            if self._input_fits_in_drafter(spec_decode_common_attn_metadata):
-                if adaptive:  # vLLM hands the proposer this count as its number of draft steps
-                    scheduler_output.num_spec_tokens_to_schedule = self.tracker.draft_steps(
-                        req_ids, self.num_spec_tokens)
+            plan = self._plan(req_ids) if adaptive else None
+            steps = self.num_spec_tokens if plan is None else plan.steps
+            if steps and self._input_fits_in_drafter(spec_decode_common_attn_metadata):
+                if plan is not None:  # vLLM hands the proposer this many draft steps
+                    scheduler_output.num_spec_tokens_to_schedule = steps
                 drafts = self.propose_draft_token_ids(
                     scheduler_output, sampler_output.sampled_token_ids, self.input_batch.sampling_metadata,
                     hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
@@ -222,25 +283,26 @@ class FusedStepMixin:
                 )
             elif self.parallel_config.data_parallel_size > 1:
                 # As vLLM's step does: a rank that skips drafting still joins the drafter's collectives, so DP
-                # ranks that disagree on whether the batch fits do not hang.
+                # ranks that disagree on whether to draft do not hang.
                 self.drafter.dummy_run(num_tokens=1)
-            choice = self._choose_num_drafts() if adaptive and drafts is not None else None
+            choice = self._choose_num_drafts(plan) if plan is not None and drafts is not None else None
         with self._phase("host"):
             sampled, next_drafts, chosen = self._read_step(sampler_output.sampled_token_ids, drafts, choice)
+        if plan is not None and chosen is None:  # no confidence: the plan's counts (0 where nothing was drafted)
+            counts = plan.counts.tolist() if drafts is not None else [0] * len(req_ids)
+            chosen = (counts, None)
         return sampled, sampler_output, next_drafts, chosen
 
-    def _choose_num_drafts(self) -> Tensor | None:
+    def _choose_num_drafts(self, plan: DraftPlan) -> Tensor | None:
         """[B, 1 + steps]: drafts to verify per request, then the assistant's confidence ``c_l`` in each (what the
-        calibration learns from), on the device."""
+        calibration learns from), on the device; None for a head without confidence (centroids)."""
         confidence = self.drafter.last_confidence
-        if confidence is None:  # a head without confidence (centroids): every draft goes
+        if confidence is None:
             return None
-        config = self.plugin_config
         calibration = torch.tensor(self.tracker.calibrations(self.input_batch.req_ids, self.num_spec_tokens),
                                    device=confidence.device)
-        tau = draft_threshold(confidence.shape[0], config.adaptive_threshold, config.adaptive_batch_scale)
         chances = draft_chances(confidence, calibration)
-        counts = choose_num_drafts(draft_survival(chances), tau)
+        counts = choose_num_drafts(draft_survival(chances), plan.tau)
         return torch.cat([counts[:, None].double(), confidence.double()], dim=1)
 
     def _read_step(
@@ -277,6 +339,10 @@ def fused_step_counters(worker: Any) -> dict[str, Any]:
         "host_reads": dict(reads) if (reads := getattr(runner, "host_reads", None)) is not None else None,
         "phase_seconds": dict(getattr(runner, "phase_seconds", {})),
         "calibration": [c.ratio for c in runner.tracker.calibration] if getattr(runner, "fused", False) else None,
+        # Adaptive K: plans made, plans that drafted nothing, and the cost fit in use (theta [1, B, N, S, S*B]).
+        "plans": getattr(runner, "plans", 0),
+        "plain_steps": getattr(runner, "plain_steps", 0),
+        "cost_theta": fit.theta.tolist() if (fit := getattr(runner, "cost_fit", None)) is not None else None,
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -108,7 +109,7 @@ class StepVerifier(RejectionSampler):
                 temperature = torch.zeros(num_rows, device=device)
             sampling = SamplingTensors(temperature, sampling_metadata.top_k, sampling_metadata.top_p, rows.min_p,
                                        rows.key)
-            positions = rows.first_position[:, None] + torch.arange(k + 1, device=device)
+            positions = rows.first_position[:, None] + np.arange(k + 1)
             relaxed = None
             if any_relaxed:
                 relaxed = RelaxedInputs(self._thinking(rows, drafts), rows.relaxed, rows.topk, rows.delta,
