@@ -139,7 +139,7 @@ def test_one_host_read_per_fused_step(counted_run):
     (counters,) = counted_run.worker_counters
     assert counters["fused"] is True and counters["steps"] > 20
     assert counters["host_reads"] == {"to": counters["steps"]}  # the packed read, and nothing else
-    # Adaptive K plans every step; before its cost fit exists the plans cycle S = 3..0, so some steps draft nothing.
+    # Adaptive K plans every step; its first plans measure each S = 3..0 in turn, so some steps draft nothing.
     assert counters["plans"] == counters["steps"] and counters["plain_steps"] > 0
     # The phases are timed inside the step: they never add up to more than the generate() calls took.
     assert 0 < sum(counters["phase_seconds"].values()) < sum(counted_run.seconds)

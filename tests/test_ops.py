@@ -7,17 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import stats
+from torch import Tensor
 
 from vllm_mtp_gemma4.ops import (
     Calibration,
-    CostFit,
     DraftPlan,
     RelaxedInputs,
     SamplingTensors,
-    StepCost,
+    StepTimes,
     Verdict,
     Verification,
     accepted_rows,
+    batch_bucket,
     choose_num_drafts,
     draft_chances,
     draft_survival,
@@ -598,83 +599,89 @@ def test_partial_top_k_matches_the_full_sort():
 # ---------------------------------------------------------------- adaptive K
 
 
-def _true_seconds(rows: int, positions: int, steps: int) -> float:
-    """A step cost with the shape measured on the fixture: a fixed part, a part per verified position, and a
-    part per draft step that grows with the batch."""
-    return 0.005 + 0.0003 * positions + steps * (0.0008 + 0.00005 * rows)
+def _true_seconds(rows: int, steps: int) -> float:
+    """A steady step's cost with the shape measured on the fixture: a fixed part, a part per verified position
+    (each row verifies S drafts and its bonus position), and a part per draft step that grows with the batch."""
+    return 0.003 + 0.0003 * rows * (1 + steps) + steps * (0.0006 + 0.00005 * rows)
 
 
-def _fitted_cost(seed: int = 0, noise: float = 0.05) -> CostFit:
+def _measured(rows: int, seed: int = 0, noise: float = 0.05, samples: int = 40) -> Tensor:
+    """The bucket's row of a ``StepTimes`` fed noisy steady steps at every S."""
     generator = torch.Generator().manual_seed(seed)
-    cost = StepCost()
-    for _ in range(400):
-        rows = int(torch.randint(1, 33, (1,), generator=generator))
-        steps = int(torch.randint(0, 4, (1,), generator=generator))
-        positions = rows + int(torch.randint(0, rows * steps + 1, (1,), generator=generator))
-        jitter = 1 + noise * float(torch.randn(1, generator=generator))
-        cost.observe(rows, positions, steps, _true_seconds(rows, positions, steps) * jitter)
-    return cost.fit()
+    times = StepTimes(3)
+    for _ in range(samples):
+        for steps in range(4):
+            jitter = 1 + noise * float(torch.randn(1, generator=generator))
+            times.observe(rows, steps, _true_seconds(rows, steps) * jitter)
+    return times.seconds[batch_bucket(rows)]
 
 
 def _rate(rows: int, survival: torch.Tensor, plan: DraftPlan) -> float:
-    """True expected tokens per second of a plan."""
+    """True expected tokens per second of a plan (its time: the steady step at its S)."""
     gained = sum(float(survival[i, : int(n)].sum()) for i, n in enumerate(plan.counts))
-    return (rows + gained) / _true_seconds(rows, rows + int(plan.counts.sum()), plan.steps)
+    return (rows + gained) / _true_seconds(rows, plan.steps)
 
 
-def test_step_cost_fit_recovers_the_cost_from_noisy_steps():
-    fit = _fitted_cost()
-    for rows, positions, steps in [(1, 1, 0), (1, 4, 3), (8, 24, 2), (32, 32, 0), (32, 128, 3)]:
-        assert float(fit.seconds(rows, positions, steps)) == pytest.approx(_true_seconds(rows, positions, steps),
-                                                                          rel=0.03)
+def test_batch_buckets_are_powers_of_two():
+    assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33)] == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+
+
+def test_step_times_average_what_was_measured_per_bucket_and_s():
+    times = StepTimes(3, weight=0.5)
+    times.observe(32, 2, 0.010)
+    times.observe(30, 2, 0.020)  # the same bucket (17-32 rows)
+    times.observe(1, 0, 0.004)
+    assert times.seconds[batch_bucket(32), 2] == pytest.approx(0.015)
+    assert times.seconds[batch_bucket(1), 0] == pytest.approx(0.004)
+    assert int((~times.seconds.isnan()).sum()) == 2
+
+
+def test_an_unmeasured_bucket_borrows_its_nearest_measured_neighbour():
+    times = StepTimes(1)
+    for rows, steps, seconds in [(1, 0, 0.004), (1, 1, 0.006), (32, 0, 0.010), (32, 1, 0.020), (8, 0, 0.008)]:
+        times.observe(rows, steps, seconds)
+    estimated = times.estimated()
+    assert estimated[batch_bucket(8)].tolist() == pytest.approx([0.008, 0.016])  # bucket 5's ratio, scaled to 0.008
+    assert estimated[batch_bucket(2)].tolist() == pytest.approx([0.004, 0.006])  # bucket 0's, nothing to scale by
+    assert estimated[batch_bucket(32)].tolist() == pytest.approx([0.010, 0.020])  # measured: kept
+    assert StepTimes(1).estimated().isnan().all()
 
 
 @pytest.mark.parametrize("rows", [1, 4, 8, 16, 32])
 @pytest.mark.parametrize("acceptance", [0.3, 0.6, 0.9])
-def test_plan_is_the_best_uniform_plan_or_better(rows, acceptance):
-    """Against every fixed K (plain decoding included) under the true cost, the plan from the fitted cost is within
-    2 % of the best, and the plan is a plain step exactly when drafting does not pay."""
+def test_plan_is_the_best_fixed_k_or_plain(rows, acceptance):
+    """Against every fixed K and plain decoding under the true cost, the plan from noisy measurements is within
+    3 % of the best, and it is a plain step whenever plain decoding beats every K by more than that."""
     survival = torch.full((rows, 3), acceptance, dtype=torch.float64).cumprod(dim=1)
-    plan = plan_drafts(survival, _fitted_cost())
-    uniform = [DraftPlan(k, torch.full((rows,), k), 0.0, 0.0) for k in range(4)]
-    best = max(uniform, key=lambda p: _rate(rows, survival, p))
-    assert _rate(rows, survival, plan) >= 0.98 * _rate(rows, survival, best)
-    plain, drafting = _rate(rows, survival, uniform[0]), max(_rate(rows, survival, p) for p in uniform[1:])
-    if plain > 1.02 * drafting:
-        assert plan.steps == 0
-    if drafting > 1.02 * plain:
-        assert plan.steps > 0
+    plan = plan_drafts(survival, _measured(rows))
+    uniform = [DraftPlan(k, torch.full((rows,), k), 0.0) for k in range(4)]
+    best = max(_rate(rows, survival, p) for p in uniform)
+    assert _rate(rows, survival, plan) >= 0.97 * best
+    if _rate(rows, survival, uniform[0]) > 1.03 * max(_rate(rows, survival, p) for p in uniform[1:]):
+        assert plan.steps == 0 and plan.counts.tolist() == [0] * rows
 
 
 def test_plan_sends_drafts_only_where_they_pay():
-    """Rows that accept well get drafts, rows that never do get none; counts never exceed S."""
-    fit = _fitted_cost()
-    rates = torch.tensor([0.95] * 4 + [0.05] * 4, dtype=torch.float64)
+    """Rows that accept well verify drafts; rows that never do verify none; counts never exceed S."""
+    rates = torch.tensor([0.95] * 6 + [0.02] * 2, dtype=torch.float64)
     survival = rates[:, None].expand(8, 3).cumprod(dim=1)
-    plan = plan_drafts(survival, fit)
-    assert plan.steps >= 1
-    assert plan.counts[:4].min() >= 1 and plan.counts[4:].max() == 0
+    plan = plan_drafts(survival, _measured(8))
+    assert plan.steps >= 1 and 0 < plan.tau < 0.9
+    assert plan.counts[:6].min() >= 1 and plan.counts[6:].max() == 0
     assert int(plan.counts.max()) <= plan.steps
-    assert 0 < plan.tau < 0.95
 
 
-def test_plain_step_when_nothing_is_worth_verifying():
-    plan = plan_drafts(torch.full((16, 3), 0.01, dtype=torch.float64).cumprod(dim=1), _fitted_cost())
-    assert plan.steps == 0 and plan.counts.tolist() == [0] * 16
+def test_unmeasured_s_is_planned_first_from_k_down():
+    seconds = torch.tensor([0.004, float("nan"), 0.006, float("nan")], dtype=torch.float64)
+    survival = torch.full((2, 3), 0.01, dtype=torch.float64)
+    assert plan_drafts(survival, seconds).steps == 3
+    seconds[3] = 0.007
+    assert plan_drafts(survival, seconds).steps == 1
 
 
-def test_cost_floor_bounds_extrapolation():
-    """A fit that extrapolates to a negative time is floored at the fastest step seen."""
-    fit = CostFit(torch.tensor([-0.01, 0.0, 0.001, 0.0, 0.0], dtype=torch.float64), floor=0.004)
-    assert float(fit.seconds(1, 1, 0)) == pytest.approx(0.004)
-    assert CostFit.from_tensor(fit.to_tensor()).floor == 0.004
-
-
-def test_exploring_visits_the_neighbouring_plans():
-    full = DraftPlan(3, torch.tensor([3, 2, 0]), 0.2, 100.0)
-    assert exploring(full, 3).steps == 2 and exploring(full, 3).counts.tolist() == [2, 2, 0]
-    plain = DraftPlan(0, torch.zeros(3, dtype=torch.int64), 0.5, 100.0)
-    assert exploring(plain, 3).steps == 1 and exploring(plain, 3).counts.tolist() == [1, 1, 1]
+def test_exploring_visits_every_other_s_in_turn():
+    assert [exploring(3, turn, 3) for turn in range(6)] == [0, 1, 2, 0, 1, 2]
+    assert [exploring(0, turn, 3) for turn in range(3)] == [1, 2, 3]
 
 
 def test_adaptive_counts_follow_calibrated_survival():

@@ -205,6 +205,12 @@ def _ratio_cell(stats: dict[str, Any] | None) -> str:
     return f"{stats['median']:.2f} ({stats['min']:.2f}-{stats['max']:.2f})"
 
 
+def _step_ratio_cell(row: dict[str, Any]) -> str:
+    if not row["mean_acceptance_length"] or not row["ratio_vs_plain"]:
+        return "-"
+    return f"{row['mean_acceptance_length'] / row['ratio_vs_plain']['median']:.2f}"
+
+
 def _table(rows: list[dict[str, Any]], settings: Settings, methods: list[str], cell: Any) -> list[str]:
     """Rows (method, K) by columns (temperature, batch)."""
     columns = [(t, b) for t in settings.temperatures for b in settings.batches]
@@ -242,6 +248,10 @@ def summary_markdown(results: dict[str, Any], settings: Settings) -> str:
         "", "## mean acceptance length", "",
         *_table(rows, settings, speculative, lambda r: f"{r['mean_acceptance_length']:.2f}"
                 if r["mean_acceptance_length"] else "-"),
+        "", "## time of a drafting step / time of a plain step", "",
+        "Mean acceptance length over the ratio to plain: the same for any batch size; the plan of adaptive K mixes "
+        "in plain steps, which this leaves out.", "",
+        *_table(rows, settings, speculative, _step_ratio_cell),
         "", "## tokens/s (absolute, median)", "",
         *_table(rows, settings, settings.methods, lambda r: f"{r['tokens_per_s']['median']:.1f}"),
         "", "## engines", "", "| method | K | KV blocks x block size | peak RSS (MiB) | start (s) |",

@@ -6,7 +6,7 @@ Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 """
 
 from .adaptive import Calibration, choose_num_drafts, draft_chances, draft_survival
-from .cost import CostFit, DraftPlan, StepCost, exploring, plan_drafts
+from .cost import DraftPlan, StepTimes, batch_bucket, exploring, plan_drafts
 from .relaxed import force_tokens, relaxed_accepts, strict_only
 from .sampling import (
     GREEDY_TEMPERATURE,
@@ -52,9 +52,9 @@ __all__ = [
     "choose_num_drafts",
     "draft_chances",
     "draft_survival",
-    "CostFit",
     "DraftPlan",
-    "StepCost",
+    "StepTimes",
+    "batch_bucket",
     "exploring",
     "plan_drafts",
     "greedy_verdict",

@@ -1,17 +1,19 @@
-"""Cost-aware speculation: how many drafts each row verifies, from what a step costs and what each draft is worth.
+"""Cost-aware speculation: how many draft steps to run and how many drafts each row verifies, from what a step
+measurably costs and what each draft is worth.
 
-- **Cost.** A step with B rows, N verified positions (B plus the drafts sent) and S draft steps takes, end to end
-  (scheduler and output processing included), ``T = theta . [1, B, N, S, S*B]`` seconds. ``StepCost`` fits theta
-  by least squares over the engine's own recent pure-decode steps, exponentially forgotten, so it follows the
-  machine it runs on and the context lengths of the moment.
+- **Cost.** ``StepTimes`` keeps, per batch-size bucket (1, 2, 3-4, 5-8, ... rows) and per number of draft steps
+  S, an exponentially weighted mean of the seconds a steady step took end to end (scheduler, target,
+  verification, drafting, output processing): a step that runs S draft steps and verifies what a step at the same
+  S sent. It is a measurement, not a model of how time grows, so it holds whatever the machine and the context
+  lengths of the moment make it. A bucket not yet measured at some S borrows its nearest measured neighbour's.
 - **Worth.** Row i's j-th draft adds a token with chance ``s_ij``, the chance drafts 1..j are all accepted.
-- **Plan.** ``plan_drafts`` picks the S and the per-row counts ``k_i <= S`` with the most expected tokens per
-  second, ``(B + sum of the chosen s_ij) / T``. For each S it sorts the positions j <= S by ``s`` (a row's ``s``
-  only falls with j, so every prefix of that order is a per-row prefix) and takes the best prefix. S = 0 is a plain
-  step: no draft forward, and nothing but the sampled token to verify next step.
-- **Threshold.** At the best plan a position is worth verifying when its ``s`` exceeds ``tau = R* dT/dN``, the
-  tokens per second the plan achieves times the cost of one more verified position; the fused step applies it to
-  the chances it learns from the assistant's confidence once the drafts exist.
+- **Plan.** ``plan_drafts``: for the batch's bucket, the S with the most expected tokens per second,
+  ``(B + sum_i sum_{j <= S} s_ij) / T(S)``. S = 0 is a plain step: no draft forward, and nothing but the sampled
+  token to verify next step. A bucket's S that has no measurement yet is planned first (K down to 0), and
+  ``exploring`` names the S to re-measure now and then, so no measurement goes stale.
+- **Per row.** A row verifies its drafts j <= S whose chance reaches ``tau = R* (T(S) - T(S-1)) / B``: the tokens
+  per second of the plan times the measured cost of one more draft per row. The fused step applies the same
+  threshold to the chances it learns from the assistant's confidence, once the drafts exist.
 """
 
 from __future__ import annotations
@@ -21,101 +23,74 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-NUM_FEATURES = 5
+NUM_BUCKETS = 16  # up to 2**15 rows
 
 
-def step_features(rows: int, positions: int, steps: int) -> Tensor:
-    """[5] float64: ``[1, B, N, S, S*B]``."""
-    return torch.tensor([1.0, rows, positions, steps, steps * rows], dtype=torch.float64)
-
-
-@dataclass(frozen=True)
-class CostFit:
-    """A fitted cost: ``theta`` [5] seconds per feature, and ``floor``, the fastest step seen (no prediction goes
-    below it, where a fit extrapolates beyond the steps it saw)."""
-
-    theta: Tensor
-    floor: float
-
-    def seconds(self, rows: int, positions: Tensor | int, steps: int) -> Tensor:
-        """Predicted step seconds for each N in ``positions``."""
-        n = torch.as_tensor(positions, dtype=torch.float64)
-        t = self.theta[0] + self.theta[1] * rows + self.theta[2] * n + steps * (self.theta[3] + self.theta[4] * rows)
-        return t.clamp(min=self.floor)
-
-    def to_tensor(self) -> Tensor:
-        """[6] float64, for a broadcast between ranks."""
-        return torch.cat([self.theta, self.theta.new_tensor([self.floor])])
-
-    @classmethod
-    def from_tensor(cls, packed: Tensor) -> CostFit:
-        return cls(packed[:NUM_FEATURES].clone(), float(packed[NUM_FEATURES]))
+def batch_bucket(rows: int) -> int:
+    """0 for 1 row, 1 for 2, 2 for 3-4, 3 for 5-8, ..."""
+    return min(max(rows - 1, 0).bit_length(), NUM_BUCKETS - 1)
 
 
 @dataclass
-class StepCost:
-    """Exponentially forgotten least squares of step seconds on ``step_features``.
+class StepTimes:
+    """[buckets, K+1] exponentially weighted mean seconds of a steady step; NaN where never measured."""
 
-    ``forget`` near 1 keeps about ``1 / (1 - forget)`` recent steps. A small ridge, relative to the data, keeps the
-    solve defined before every direction has been seen.
-    """
-
-    forget: float = 0.995
-    ridge: float = 1e-6
-    samples: int = 0
+    max_steps: int
+    weight: float = 0.1
 
     def __post_init__(self) -> None:
-        self.gram = torch.zeros(NUM_FEATURES, NUM_FEATURES, dtype=torch.float64)
-        self.moment = torch.zeros(NUM_FEATURES, dtype=torch.float64)
-        self.fastest = float("inf")
+        self.seconds = torch.full((NUM_BUCKETS, self.max_steps + 1), float("nan"), dtype=torch.float64)
 
-    def observe(self, rows: int, positions: int, steps: int, seconds: float) -> None:
-        x = step_features(rows, positions, steps)
-        self.gram.mul_(self.forget).add_(torch.outer(x, x))
-        self.moment.mul_(self.forget).add_(x, alpha=seconds)
-        self.fastest = min(self.fastest, seconds)
-        self.samples += 1
+    def observe(self, rows: int, steps: int, seconds: float) -> None:
+        cell = self.seconds[batch_bucket(rows), steps]
+        self.seconds[batch_bucket(rows), steps] = seconds if cell.isnan() else cell + self.weight * (seconds - cell)
 
-    def fit(self) -> CostFit:
-        scale = self.ridge * float(self.gram.diagonal().mean())
-        theta = torch.linalg.solve(self.gram + scale * torch.eye(NUM_FEATURES, dtype=torch.float64), self.moment)
-        return CostFit(theta, self.fastest)
+    def estimated(self) -> Tensor:
+        """[buckets, K+1]: the measured times, and where a bucket lacks one, the nearest fully measured bucket's,
+        scaled by the bucket's own measured cells against it (how S compares changes slowly with the batch, so a
+        new batch size starts from its neighbour's plan instead of measuring every S first). NaN only while no
+        bucket is fully measured."""
+        times = self.seconds.clone()
+        complete = [b for b in range(NUM_BUCKETS) if not times[b].isnan().any()]
+        for bucket in range(NUM_BUCKETS):
+            row = times[bucket]
+            if not complete or not row.isnan().any():
+                continue
+            near = self.seconds[min(complete, key=lambda b: (abs(b - bucket), b))]
+            known = ~row.isnan()
+            scale = (row[known] / near[known]).mean() if known.any() else 1.0
+            times[bucket] = torch.where(known, row, near * scale)
+        return times
 
 
 @dataclass(frozen=True)
 class DraftPlan:
     steps: int  # S: draft steps to run now (0: a plain step)
     counts: Tensor  # [B] int64 in 0..S: drafts each row verifies next step
-    tau: float  # the chance a verified position must have, at this plan's cost (for confidence-based counts)
-    tokens_per_second: float  # expected, at this plan
+    tau: float  # the chance a verified position must have (for confidence-based counts)
 
 
-def plan_drafts(survival: Tensor, cost: CostFit) -> DraftPlan:
-    """The plan with the most expected tokens per second. survival: [B, K] host float, non-increasing along K."""
+def plan_drafts(survival: Tensor, seconds: Tensor) -> DraftPlan:
+    """The plan with the most expected tokens per second.
+
+    survival: [B, K] host float, non-increasing along K. seconds: [K+1] the bucket's measured step times (NaN:
+    not measured yet; the first such S from K down is planned, to measure it).
+    """
     rows, max_steps = survival.shape
     s = survival.double()
-    best: DraftPlan | None = None
-    for steps in range(max_steps + 1):
-        values, order = torch.sort(s[:, :steps].reshape(-1), descending=True, stable=True)
-        gained = torch.cat([values.new_zeros(1), values.cumsum(0)])  # [m + 1]: taking the m best positions
-        m = torch.arange(gained.numel(), dtype=torch.float64)
-        rate = (rows + gained) / cost.seconds(rows, rows + m, steps)
-        if steps > 0:
-            rate[0] = -1.0  # drafting and verifying none is never better than the plain step, which S = 0 covers
-        taken = int(rate.argmax())
-        if best is None or rate[taken] > best.tokens_per_second:
-            counts = torch.zeros(rows * max(steps, 1), dtype=torch.int64)
-            counts[order[:taken]] = 1
-            counts = counts.view(rows, -1).sum(dim=1) if steps else counts[:rows]
-            best = DraftPlan(steps, counts, float(rate[taken] * cost.theta[2].clamp(min=0.0)), float(rate[taken]))
-    assert best is not None
-    return best
+    unmeasured = [steps for steps in range(max_steps, -1, -1) if seconds[steps].isnan()]
+    if unmeasured:
+        steps, tau = unmeasured[0], 0.0
+    else:
+        tokens = rows + torch.cat([s.new_zeros(1), s.sum(dim=0).cumsum(0)])  # [K+1]: every row sending S drafts
+        rates = tokens / seconds
+        steps = int(rates.argmax())
+        tau = float(rates[steps] * (seconds[steps] - seconds[steps - 1]).clamp(min=0) / rows) if steps else 0.0
+    counts = (s[:, :steps] >= tau).sum(dim=1) if steps else torch.zeros(rows, dtype=torch.int64)
+    return DraftPlan(steps, counts, tau)
 
 
-def exploring(plan: DraftPlan, max_steps: int) -> DraftPlan:
-    """A neighbouring plan, run now and then so the fit sees the steps it would otherwise never take: one draft
-    step fewer (every row capped at it), or, from a plain step, one draft for every row."""
-    if plan.steps == 0:
-        return DraftPlan(1, torch.ones_like(plan.counts), 0.0, plan.tokens_per_second) if max_steps else plan
-    steps = plan.steps - 1
-    return DraftPlan(steps, plan.counts.clamp(max=steps), plan.tau, plan.tokens_per_second)
+def exploring(best: int, turn: int, max_steps: int) -> int:
+    """The S to re-measure at exploration number ``turn``: the others than ``best`` in turn."""
+    others = [steps for steps in range(max_steps + 1) if steps != best]
+    return others[turn % len(others)] if others else best

@@ -6,9 +6,9 @@ One speculative step, composed in ``sample_tokens`` top to bottom:
 2. target forward: ``execute_model`` (vLLM's, unchanged);
 3. verify: ``StepVerifier`` over the plugin's ops, for every row (drafted or not);
 4. shift and 5. K draft steps: the proposer, from the device-side verification result. With adaptive K the cost
-   model (``ops/cost.py``) plans the step first, from each request's acceptance rates and the engine's measured
-   step times: S draft steps (0: none, and the next step is a plain one) and each request's count, which the
-   assistant's confidence then refines on the device (``ops/adaptive.py``);
+   model (``ops/cost.py``) plans the step first, from each request's acceptance rates and the step times the
+   engine measured at this batch size: S draft steps (0: none, and the next step is a plain one) and each
+   request's count, which the assistant's confidence then refines on the device (``ops/adaptive.py``);
 6. one host read of ``[sampled ids | next drafts (| draft counts, beliefs)]``, from which bookkeeping and the
    next step's drafts are built.
 
@@ -42,9 +42,9 @@ from vllm_mtp_gemma4.config import PluginConfig, strict_token_ids, thinking_mark
 from vllm_mtp_gemma4.log import get_logger
 from vllm_mtp_gemma4.ops import (
     GREEDY_TEMPERATURE,
-    CostFit,
     DraftPlan,
-    StepCost,
+    StepTimes,
+    batch_bucket,
     choose_num_drafts,
     draft_chances,
     draft_survival,
@@ -59,12 +59,13 @@ from vllm_mtp_gemma4.worker.v1.verifier import StepVerifier
 
 logger = get_logger(__name__)
 
-# Adaptive K: the cost is refitted every REFIT_STEPS fused steps (on every tensor-parallel rank from rank 0's fit,
-# so all ranks plan alike), once FIT_SAMPLES pure-decode steps were timed; until then the plans cycle through
-# S = K..0, so that the fit sees each. Every EXPLORE_EVERY-th plan is a neighbouring one (``ops.exploring``).
-REFIT_STEPS = 16
-FIT_SAMPLES = 16
-EXPLORE_EVERY = 16
+# Adaptive K: every EXPLORE_EVERY-th plan re-measures another S than the best (``ops.exploring``) for
+# EXPLORE_HOLD steps, the last of them steady (it verifies what a step at that S sent). At batch 1, where drafting
+# pays most, exploring costs about EXPLORE_HOLD / EXPLORE_EVERY of the gain. Under tensor parallelism every rank
+# plans with rank 0's step times, refreshed every REFRESH_STEPS steps, so all ranks run the same draft steps.
+EXPLORE_EVERY = 48
+EXPLORE_HOLD = 2
+REFRESH_STEPS = 16
 
 
 class FusedStepMixin:
@@ -86,12 +87,16 @@ class FusedStepMixin:
         self.tracker = RequestTracker(config, open_id, close_id, self.num_spec_tokens)
         self.verifier = StepVerifier(self.sampler, open_id, close_id,
                                      strict_token_ids(tokenizer, vllm_config.model_config.hf_text_config.eos_token_id))
-        self.step_cost = StepCost()
-        self.cost_fit: CostFit | None = None
+        self.step_times = StepTimes(self.num_spec_tokens)
+        self.times_in_use = self.step_times.estimated()
         self.plans = 0
         self.plain_steps = 0  # steps whose plan drafted nothing
+        self._explorations = 0
+        self._exploring: tuple[int, int] | None = None  # (S, steps left)
+        self._last_steps: int | None = None  # S of the previous plan
         self._step_started: float | None = None
-        self._timed_step: tuple[int, int, int] | None = None  # (B, N, S) of the running step, if pure decode
+        self._decode_rows: int | None = None  # rows of the running step, if it is pure decode
+        self._timed_step: tuple[int, int] | None = None  # (B, S) of the running step, if pure decode and steady
         logger.info("vllm-mtp-gemma4: fused target-verify step on (thinking markers %s/%s)", open_id, close_id)
 
     @contextmanager
@@ -110,44 +115,45 @@ class FusedStepMixin:
             return super().execute_model(scheduler_output, *args, **kwargs)
 
     def _time_step(self, scheduler_output) -> None:
-        """One sample for the cost model: the previous step's (B, N, S) and the seconds from its start to this one's
-        (everything the engine did for it). Only pure-decode steps count, and not across new arrivals (idle time)."""
+        """One measurement for the cost table: the previous step's (B, S) and the seconds from its start to this
+        one's (everything the engine did for it). Only steady pure-decode steps count, and not across new arrivals
+        (idle time)."""
         now = time.perf_counter()
         if self._timed_step is not None and not scheduler_output.scheduled_new_reqs:
-            self.step_cost.observe(*self._timed_step, now - self._step_started)
+            self.step_times.observe(*self._timed_step, now - self._step_started)
         self._step_started, self._timed_step = now, None
         rows = len(scheduler_output.num_scheduled_tokens)
         drafts = sum(len(d) for d in scheduler_output.scheduled_spec_decode_tokens.values())
-        if rows and scheduler_output.total_num_scheduled_tokens == rows + drafts:
-            self._timed_step = (rows, rows + drafts, 0)  # S is known once the step is planned
+        self._decode_rows = rows if rows and scheduler_output.total_num_scheduled_tokens == rows + drafts else None
 
     def _plan(self, req_ids: list[str]) -> DraftPlan:
         """This step's draft steps and each request's draft count (``ops/cost.py``)."""
         k = self.num_spec_tokens
-        if self.fused_steps % REFIT_STEPS == 0:
-            self._refit()
+        if get_tp_group().world_size == 1 or self.fused_steps % REFRESH_STEPS == 0:
+            self._refresh_times()
         self.plans += 1
-        rows = len(req_ids)
-        if self.cost_fit is None:  # not fitted yet: cycle S = K..0, every request sending all S
-            steps = k - (self.plans - 1) % (k + 1)
-            plan = DraftPlan(steps, torch.full((rows,), steps, dtype=torch.int64), 0.0, 0.0)
-        else:
-            plan = plan_drafts(self.tracker.survival(req_ids, k), self.cost_fit)
-            if self.plans % EXPLORE_EVERY == 0:
-                plan = exploring(plan, k)
-        if self._timed_step is not None:
-            self._timed_step = (*self._timed_step[:2], plan.steps)
+        survival = self.tracker.survival(req_ids, k)
+        seconds = self.times_in_use[batch_bucket(len(req_ids))]
+        plan = plan_drafts(survival, seconds)
+        if self._exploring is None and self.plans % EXPLORE_EVERY == 0 and not seconds.isnan().any():
+            self._exploring = (exploring(plan.steps, self._explorations, k), EXPLORE_HOLD)
+            self._explorations += 1
+        if self._exploring is not None:
+            steps, left = self._exploring
+            plan = DraftPlan(steps, torch.full((len(req_ids),), steps, dtype=torch.int64), 0.0)
+            self._exploring = (steps, left - 1) if left > 1 else None
+        if self._decode_rows is not None and self._last_steps == plan.steps:
+            self._timed_step = (self._decode_rows, plan.steps)
+        self._last_steps = plan.steps
         self.plain_steps += plan.steps == 0
         return plan
 
-    def _refit(self) -> None:
-        fit = self.step_cost.fit() if self.step_cost.samples >= FIT_SAMPLES else None
+    def _refresh_times(self) -> None:
+        times = self.step_times.estimated()
         group = get_tp_group()
-        if group.world_size > 1:  # every rank plans with rank 0's fit: the plans, and so the collectives, agree
-            packed = fit.to_tensor() if fit is not None else torch.full((6,), float("nan"), dtype=torch.float64)
-            packed = group.broadcast(packed.to(self.device), src=0).cpu()
-            fit = None if packed.isnan().any() else CostFit.from_tensor(packed)
-        self.cost_fit = fit
+        if group.world_size > 1:  # every rank plans with rank 0's times: the plans, and so the collectives, agree
+            times = group.broadcast(times.to(self.device), src=0).cpu()
+        self.times_in_use = times
 
     def _update_states(self, scheduler_output):
         result = super()._update_states(scheduler_output)
@@ -339,10 +345,13 @@ def fused_step_counters(worker: Any) -> dict[str, Any]:
         "host_reads": dict(reads) if (reads := getattr(runner, "host_reads", None)) is not None else None,
         "phase_seconds": dict(getattr(runner, "phase_seconds", {})),
         "calibration": [c.ratio for c in runner.tracker.calibration] if getattr(runner, "fused", False) else None,
-        # Adaptive K: plans made, plans that drafted nothing, and the cost fit in use (theta [1, B, N, S, S*B]).
+        # Adaptive K: plans made, plans that drafted nothing, and the measured step seconds in use, per batch-size
+        # bucket (1, 2, 3-4, ... rows) and S = 0..K (None: not measured).
         "plans": getattr(runner, "plans", 0),
         "plain_steps": getattr(runner, "plain_steps", 0),
-        "cost_theta": fit.theta.tolist() if (fit := getattr(runner, "cost_fit", None)) is not None else None,
+        "step_seconds": {f"bucket {b}": [None if v != v else v for v in row] for b, row in
+                         enumerate(times.tolist()) if any(v == v for v in row)}
+        if (times := getattr(runner, "times_in_use", None)) is not None else None,
     }
 
 
