@@ -11,8 +11,10 @@ block relaxed) and runs V1's fused verification (thinking flags, then greedy, sa
 flattened (thinking state from a 2,048-token history, the relaxed rule, forcing):
 - parity: the same step on the CPU and on the device, token for token;
 - time: the step eager op by op (the unfused reference) against the same step under ``torch.compile``
-  with CUDA graphs (``mode="reduce-overhead"``), as a ratio; the V2 processor's ops, eager; and the inverse-CDF
-  draw alone in float64 (what runs) against float32 (what it replaced), for the cost of exact tail draws.
+  with CUDA graphs (``mode="reduce-overhead"``), as a ratio; the V2 processor's ops, eager; the inverse-CDF
+  draw alone in float64 (what runs) against float32 (what it replaced), for the cost of exact tail draws; and the
+  counter-based noise made on the host with numpy and uploaded (what the V1 fused step runs) against the same
+  bits made on the device, op by op.
 Writes JSON (date, device, figures) to ``--out``.
 """
 
@@ -108,6 +110,12 @@ def draw(x: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.searchsorted(cdf, (uniforms.float().unsqueeze(-1) * cdf[..., -1:])).squeeze(-1)
 
 
+def host_noise(x: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The noise as the V1 fused step makes it: numpy on the host (seeds and positions live there), one upload."""
+    noise = uniform_noise(x["seed_host"], x["positions_host"])
+    return torch.from_numpy(noise).to(device, non_blocking=True)
+
+
 def time_ms(fn, x: dict[str, torch.Tensor], device: torch.device, iters: int) -> float:
     for _ in range(3):
         fn(x)
@@ -136,6 +144,8 @@ def main() -> None:
             cpu_inputs = make_inputs(batch, k, vocab)
             reference = step(cpu_inputs)
             x = {name: t.to(device) for name, t in cpu_inputs.items()}
+            host = {"seed_host": cpu_inputs["seed"].numpy(), "positions_host": cpu_inputs["positions"].numpy()}
+            noise_parity = bool(torch.equal(host_noise(host, device), uniform_noise(x["seed"], x["positions"])))
             v2_parity = all(torch.equal(a, b.cpu()) for a, b in zip(v2_relaxed_step(cpu_inputs), v2_relaxed_step(x)))
             on_device = [t.cpu() for t in step(x)]
             parity = {name: bool(torch.equal(a, b)) for name, a, b in
@@ -149,7 +159,11 @@ def main() -> None:
                          "v2_relaxed_parity_with_cpu": v2_parity,
                          "v2_relaxed_ms": round(time_ms(v2_relaxed_step, x, device, args.iters), 4),
                          "draw_float64_ms": round(time_ms(lambda y: draw(y, torch.float64), x, device, args.iters), 4),
-                         "draw_float32_ms": round(time_ms(lambda y: draw(y, torch.float32), x, device, args.iters), 4)})
+                         "draw_float32_ms": round(time_ms(lambda y: draw(y, torch.float32), x, device, args.iters), 4),
+                         "noise_host_matches_device": noise_parity,
+                         "noise_host_ms": round(time_ms(lambda y: host_noise(y, device), host, device, args.iters), 4),
+                         "noise_device_ms": round(time_ms(lambda y: uniform_noise(y["seed"], y["positions"]), x, device,
+                                                          args.iters), 4)})
             print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

@@ -73,13 +73,20 @@ def test_tp2_greedy_is_token_identical_to_tp1(tp1, tp2, plain_greedy):
 
 
 def test_tp2_centroid_assistant_with_local_argmax_is_token_identical(held_out_prompts, plain_greedy):
-    """The centroid-masked head under TP=2 with ``use_local_argmax_reduction``: the sparse argmax, same tokens."""
-    spec = {**mtp_config(3, ASSISTANT_CENTROIDS), "use_local_argmax_reduction": True, "vllm_mtp_gemma4": {}}
+    """The centroid-masked head under TP=2 with ``use_local_argmax_reduction``: the sparse argmax, same tokens.
+
+    With adaptive K: both ranks plan every step alike (rank 0's step times), or their draft collectives would
+    not meet; a head without confidence verifies the plan's own counts."""
+    spec = {**mtp_config(3, ASSISTANT_CENTROIDS), "use_local_argmax_reduction": True,
+            "vllm_mtp_gemma4": {"adaptive_k": True}}
     result = run_job(Job(engine={**ENGINE, **TP2, "speculative_config": spec}, prompts=held_out_prompts[:8],
-                         sampling={"temperature": 0.0, "max_tokens": 48}, env=TP2_ENV))
+                         sampling={"temperature": 0.0, "max_tokens": 48}, env=TP2_ENV, worker_counters=True))
     assert "centroid head on, draft argmax centroid-sparse" in result.log
     assert result.token_ids == [t[:48] for t in plain_greedy.token_ids[:8]]
     assert result.spec.mean_acceptance_length > 1.5
+    rank0, rank1 = result.worker_counters
+    assert rank0["plans"] == rank1["plans"] > 0 and rank0["plain_steps"] == rank1["plain_steps"] > 0
+    assert rank0["step_seconds"] == rank1["step_seconds"]
 
 
 def test_local_argmax_on_one_rank_with_a_dense_assistant(held_out_prompts, plain_greedy):
