@@ -602,18 +602,23 @@ def test_partial_top_k_matches_the_full_sort():
 def _true_seconds(rows: int, steps: int) -> float:
     """A steady step's cost with the shape measured on the fixture: a fixed part, a part per verified position
     (each row verifies S drafts and its bonus position), and a part per draft step that grows with the batch."""
-    return 0.003 + 0.0003 * rows * (1 + steps) + steps * (0.0006 + 0.00005 * rows)
+    return 0.003 + 0.0003 * rows * (1 + steps) + steps * _draft_seconds(rows)
+
+
+def _draft_seconds(rows: int) -> float:
+    return 0.0006 + 0.00005 * rows
 
 
 def _measured(rows: int, seed: int = 0, noise: float = 0.05, samples: int = 40) -> Tensor:
-    """The bucket's row of a ``StepTimes`` fed noisy steady steps at every S."""
+    """The bucket's row of a ``StepTimes`` fed noisy steady steps at every S, and their draft steps."""
     generator = torch.Generator().manual_seed(seed)
     times = StepTimes(3)
     for _ in range(samples):
         for steps in range(4):
             jitter = 1 + noise * float(torch.randn(1, generator=generator))
             times.observe(rows, steps, _true_seconds(rows, steps) * jitter)
-    return times.seconds[batch_bucket(rows)]
+            times.observe_draft(rows, _draft_seconds(rows) * jitter)
+    return times.estimated()[batch_bucket(rows)]
 
 
 def _rate(rows: int, survival: torch.Tensor, plan: DraftPlan) -> float:
@@ -640,10 +645,12 @@ def test_an_unmeasured_bucket_borrows_its_nearest_measured_neighbour():
     times = StepTimes(1)
     for rows, steps, seconds in [(1, 0, 0.004), (1, 1, 0.006), (32, 0, 0.010), (32, 1, 0.020), (8, 0, 0.008)]:
         times.observe(rows, steps, seconds)
-    estimated = times.estimated()
-    assert estimated[batch_bucket(8)].tolist() == pytest.approx([0.008, 0.016])  # bucket 5's ratio, scaled to 0.008
-    assert estimated[batch_bucket(2)].tolist() == pytest.approx([0.004, 0.006])  # bucket 0's, nothing to scale by
-    assert estimated[batch_bucket(32)].tolist() == pytest.approx([0.010, 0.020])  # measured: kept
+    times.observe_draft(1, 0.001)
+    times.observe_draft(32, 0.004)
+    estimated = times.estimated()  # columns: S = 0, S = 1, one draft step
+    assert estimated[batch_bucket(8)].tolist() == pytest.approx([0.008, 0.016, 0.0032])  # bucket 5's, scaled
+    assert estimated[batch_bucket(2)].tolist() == pytest.approx([0.004, 0.006, 0.001])  # bucket 0's as it is
+    assert estimated[batch_bucket(32)].tolist() == pytest.approx([0.010, 0.020, 0.004])  # measured: kept
     assert StepTimes(1).estimated().isnan().all()
 
 
@@ -668,15 +675,17 @@ def test_plan_sends_drafts_only_where_they_pay():
     plan = plan_drafts(survival, _measured(8))
     assert plan.steps >= 1 and 0 < plan.tau < 0.9
     assert plan.counts[:6].min() >= 1 and plan.counts[6:].max() == 0
+    # tau prices a verified position, not the draft step already run: the true 0.3 ms per position here.
+    assert plan.tau == pytest.approx(_rate(8, survival, plan) * 0.0003, rel=0.15)
     assert int(plan.counts.max()) <= plan.steps
 
 
 def test_unmeasured_s_is_planned_first_from_k_down():
-    seconds = torch.tensor([0.004, float("nan"), 0.006, float("nan")], dtype=torch.float64)
+    times = torch.tensor([0.004, float("nan"), 0.006, float("nan"), 0.001], dtype=torch.float64)
     survival = torch.full((2, 3), 0.01, dtype=torch.float64)
-    assert plan_drafts(survival, seconds).steps == 3
-    seconds[3] = 0.007
-    assert plan_drafts(survival, seconds).steps == 1
+    assert plan_drafts(survival, times).steps == 3
+    times[3] = 0.007
+    assert plan_drafts(survival, times).steps == 1
 
 
 def test_exploring_visits_every_other_s_in_turn():

@@ -11,9 +11,10 @@ measurably costs and what each draft is worth.
   ``(B + sum_i sum_{j <= S} s_ij) / T(S)``. S = 0 is a plain step: no draft forward, and nothing but the sampled
   token to verify next step. A bucket's S that has no measurement yet is planned first (K down to 0), and
   ``exploring`` names the S to re-measure now and then, so no measurement goes stale.
-- **Per row.** A row verifies its drafts j <= S whose chance reaches ``tau = R* (T(S) - T(S-1)) / B``: the tokens
-  per second of the plan times the measured cost of one more draft per row. The fused step applies the same
-  threshold to the chances it learns from the assistant's confidence, once the drafts exist.
+- **Per row.** A row verifies its drafts j <= S whose chance reaches ``tau = R* (T(S) - T(S-1) - D) / B``: the
+  tokens per second of the plan times what one more verified position costs, D being the measured time of one
+  draft step (already spent when the rows choose). The fused step applies the same threshold to the chances it
+  learns from the assistant's confidence, once the drafts exist.
 """
 
 from __future__ import annotations
@@ -40,23 +41,29 @@ class StepTimes:
 
     def __post_init__(self) -> None:
         self.seconds = torch.full((NUM_BUCKETS, self.max_steps + 1), float("nan"), dtype=torch.float64)
+        self.draft_seconds = torch.full((NUM_BUCKETS,), float("nan"), dtype=torch.float64)  # one draft step
 
     def observe(self, rows: int, steps: int, seconds: float) -> None:
         cell = self.seconds[batch_bucket(rows), steps]
         self.seconds[batch_bucket(rows), steps] = seconds if cell.isnan() else cell + self.weight * (seconds - cell)
 
+    def observe_draft(self, rows: int, seconds_per_step: float) -> None:
+        cell = self.draft_seconds[batch_bucket(rows)]
+        self.draft_seconds[batch_bucket(rows)] = (seconds_per_step if cell.isnan()
+                                                  else cell + self.weight * (seconds_per_step - cell))
+
     def estimated(self) -> Tensor:
-        """[buckets, K+1]: the measured times, and where a bucket lacks one, the nearest fully measured bucket's,
-        scaled by the bucket's own measured cells against it (how S compares changes slowly with the batch, so a
-        new batch size starts from its neighbour's plan instead of measuring every S first). NaN only while no
-        bucket is fully measured."""
-        times = self.seconds.clone()
+        """[buckets, K+2]: the measured step seconds by S, then one draft step's. Where a bucket lacks one, the
+        nearest fully measured bucket's, scaled by the bucket's own measured cells against it (how S compares
+        changes slowly with the batch, so a new batch size starts from its neighbour's plan instead of measuring
+        every S first). NaN only while no bucket is fully measured."""
+        times = torch.cat([self.seconds, self.draft_seconds[:, None]], dim=1)
         complete = [b for b in range(NUM_BUCKETS) if not times[b].isnan().any()]
         for bucket in range(NUM_BUCKETS):
             row = times[bucket]
             if not complete or not row.isnan().any():
                 continue
-            near = self.seconds[min(complete, key=lambda b: (abs(b - bucket), b))]
+            near = times[min(complete, key=lambda b: (abs(b - bucket), b))]
             known = ~row.isnan()
             scale = (row[known] / near[known]).mean() if known.any() else 1.0
             times[bucket] = torch.where(known, row, near * scale)
@@ -70,14 +77,16 @@ class DraftPlan:
     tau: float  # the chance a verified position must have (for confidence-based counts)
 
 
-def plan_drafts(survival: Tensor, seconds: Tensor) -> DraftPlan:
+def plan_drafts(survival: Tensor, times: Tensor) -> DraftPlan:
     """The plan with the most expected tokens per second.
 
-    survival: [B, K] host float, non-increasing along K. seconds: [K+1] the bucket's measured step times (NaN:
-    not measured yet; the first such S from K down is planned, to measure it).
+    survival: [B, K] host float, non-increasing along K. times: [K+2] the bucket's row of ``StepTimes.estimated``:
+    step seconds by S (NaN: not measured yet; the first such S from K down is planned, to measure it), then one
+    draft step's seconds.
     """
     rows, max_steps = survival.shape
     s = survival.double()
+    seconds, draft = times[: max_steps + 1], times[max_steps + 1]
     unmeasured = [steps for steps in range(max_steps, -1, -1) if seconds[steps].isnan()]
     if unmeasured:
         steps, tau = unmeasured[0], 0.0
@@ -85,7 +94,10 @@ def plan_drafts(survival: Tensor, seconds: Tensor) -> DraftPlan:
         tokens = rows + torch.cat([s.new_zeros(1), s.sum(dim=0).cumsum(0)])  # [K+1]: every row sending S drafts
         rates = tokens / seconds
         steps = int(rates.argmax())
-        tau = float(rates[steps] * (seconds[steps] - seconds[steps - 1]).clamp(min=0) / rows) if steps else 0.0
+        tau = 0.0
+        if steps:  # what one more verified position costs: one more draft step per row, less the draft step itself
+            verified = float(seconds[steps] - seconds[steps - 1]) - (0.0 if draft.isnan() else float(draft))
+            tau = float(rates[steps]) * max(0.0, verified) / rows
     counts = (s[:, :steps] >= tau).sum(dim=1) if steps else torch.zeros(rows, dtype=torch.int64)
     return DraftPlan(steps, counts, tau)
 

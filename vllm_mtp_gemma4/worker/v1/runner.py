@@ -61,8 +61,8 @@ logger = get_logger(__name__)
 
 # Adaptive K: every EXPLORE_EVERY-th plan re-measures another S than the best (``ops.exploring``) for
 # EXPLORE_HOLD steps, the last of them steady (it verifies what a step at that S sent). At batch 1, where drafting
-# pays most, exploring costs about EXPLORE_HOLD / EXPLORE_EVERY of the gain. Under tensor parallelism every rank
-# plans with rank 0's step times, refreshed every REFRESH_STEPS steps, so all ranks run the same draft steps.
+# pays most, exploring costs about EXPLORE_HOLD / EXPLORE_EVERY of the gain. The step times in use are refreshed
+# every REFRESH_STEPS steps; under tensor parallelism every rank then takes rank 0's, so all ranks plan alike.
 EXPLORE_EVERY = 48
 EXPLORE_HOLD = 2
 REFRESH_STEPS = 16
@@ -129,13 +129,16 @@ class FusedStepMixin:
     def _plan(self, req_ids: list[str]) -> DraftPlan:
         """This step's draft steps and each request's draft count (``ops/cost.py``)."""
         k = self.num_spec_tokens
-        if get_tp_group().world_size == 1 or self.fused_steps % REFRESH_STEPS == 0:
+        bucket = batch_bucket(len(req_ids))
+        # Refreshed every REFRESH_STEPS steps; on one rank also at once while this bucket still has S to measure.
+        if self.fused_steps % REFRESH_STEPS == 0 or (get_tp_group().world_size == 1
+                                                     and self.times_in_use[bucket].isnan().any()):
             self._refresh_times()
         self.plans += 1
         survival = self.tracker.survival(req_ids, k)
-        seconds = self.times_in_use[batch_bucket(len(req_ids))]
-        plan = plan_drafts(survival, seconds)
-        if self._exploring is None and self.plans % EXPLORE_EVERY == 0 and not seconds.isnan().any():
+        times = self.times_in_use[bucket]
+        plan = plan_drafts(survival, times)
+        if self._exploring is None and self.plans % EXPLORE_EVERY == 0 and not times[: k + 1].isnan().any():
             self._exploring = (exploring(plan.steps, self._explorations, k), EXPLORE_HOLD)
             self._explorations += 1
         if self._exploring is not None:
@@ -282,11 +285,14 @@ class FusedStepMixin:
             if steps and self._input_fits_in_drafter(spec_decode_common_attn_metadata):
                 if plan is not None:  # vLLM hands the proposer this many draft steps
                     scheduler_output.num_spec_tokens_to_schedule = steps
+                begin = time.perf_counter()
                 drafts = self.propose_draft_token_ids(
                     scheduler_output, sampler_output.sampled_token_ids, self.input_batch.sampling_metadata,
                     hidden_states, sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                     spec_decode_common_attn_metadata, slot_mappings,
                 )
+                if plan is not None:
+                    self.step_times.observe_draft(len(req_ids), (time.perf_counter() - begin) / steps)
             elif self.parallel_config.data_parallel_size > 1:
                 # As vLLM's step does: a rank that skips drafting still joins the drafter's collectives, so DP
                 # ranks that disagree on whether to draft do not hang.
@@ -345,8 +351,8 @@ def fused_step_counters(worker: Any) -> dict[str, Any]:
         "host_reads": dict(reads) if (reads := getattr(runner, "host_reads", None)) is not None else None,
         "phase_seconds": dict(getattr(runner, "phase_seconds", {})),
         "calibration": [c.ratio for c in runner.tracker.calibration] if getattr(runner, "fused", False) else None,
-        # Adaptive K: plans made, plans that drafted nothing, and the measured step seconds in use, per batch-size
-        # bucket (1, 2, 3-4, ... rows) and S = 0..K (None: not measured).
+        # Adaptive K: plans made, plans that drafted nothing, and the step seconds in use, per batch-size bucket
+        # (1, 2, 3-4, ... rows): by S = 0..K, then one draft step's (None: not measured).
         "plans": getattr(runner, "plans", 0),
         "plain_steps": getattr(runner, "plain_steps", 0),
         "step_seconds": {f"bucket {b}": [None if v != v else v for v in row] for b, row in
