@@ -85,8 +85,8 @@ def test_tp2_centroid_assistant_with_local_argmax_is_token_identical(held_out_pr
     assert result.token_ids == [t[:48] for t in plain_greedy.token_ids[:8]]
     assert result.spec.mean_acceptance_length > 1.5
     rank0, rank1 = result.worker_counters
-    assert rank0["plans"] == rank1["plans"] > 0 and rank0["plain_steps"] == rank1["plain_steps"] > 0
-    assert rank0["step_seconds"] == rank1["step_seconds"]
+    assert rank0["plans"] == rank1["plans"] > 0 and rank0["plain_steps"] == rank1["plain_steps"]
+    assert rank0["step_seconds"] == rank1["step_seconds"] and rank0["step_seconds"]  # rank 0's, measured
 
 
 def test_local_argmax_on_one_rank_with_a_dense_assistant(held_out_prompts, plain_greedy):
