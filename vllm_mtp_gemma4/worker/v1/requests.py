@@ -77,21 +77,21 @@ class RequestTracker:
         self.acceptance = [INITIAL_ACCEPTANCE] * max_k
         self.calibration = [Calibration.start(INITIAL_CALIBRATION)] * max_k
 
-    def survival(self, req_ids: list[str], max_k: int) -> Tensor:
+    def survival(self, req_ids: list[str]) -> Tensor:
         """[B, K] host float64: each request's chance that its drafts 1..j are all accepted, from its acceptance
         rates (new requests start from the engine-wide ones)."""
         rates = []
         for req_id in req_ids:
             state = self.states.get(req_id)
-            rates.append((state.acceptance if state is not None else self.acceptance)[:max_k])
-        return torch.tensor(rates, dtype=torch.float64).reshape(len(req_ids), max_k).cumprod(dim=1)
+            rates.append(state.acceptance if state is not None else self.acceptance)
+        return torch.tensor(rates, dtype=torch.float64).reshape(len(req_ids), len(self.acceptance)).cumprod(dim=1)
 
-    def calibrations(self, req_ids: list[str], max_k: int) -> list[list[float]]:
+    def calibrations(self, req_ids: list[str]) -> list[list[float]]:
         """[B][K] per-step calibration of each request (new ones start from the engine-wide estimate)."""
         rows = []
         for req_id in req_ids:
             state = self.states.get(req_id)
-            rows.append([c.ratio for c in (state.calibration if state is not None else self.calibration)[:max_k]])
+            rows.append([c.ratio for c in (state.calibration if state is not None else self.calibration)])
         return rows
 
     def observe_acceptance(self, req_ids: list[str], num_drafts: list[int], sampled: Tensor) -> None:

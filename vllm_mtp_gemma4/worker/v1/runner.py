@@ -135,7 +135,7 @@ class FusedStepMixin:
                                                      and self.times_in_use[bucket].isnan().any()):
             self._refresh_times()
         self.plans += 1
-        survival = self.tracker.survival(req_ids, k)
+        survival = self.tracker.survival(req_ids)
         times = self.times_in_use[bucket]
         plan = plan_drafts(survival, times)
         if self._exploring is None and self.plans % EXPLORE_EVERY == 0 and not times[: k + 1].isnan().any():
@@ -311,7 +311,7 @@ class FusedStepMixin:
         confidence = self.drafter.last_confidence
         if confidence is None:
             return None
-        calibration = torch.tensor(self.tracker.calibrations(self.input_batch.req_ids, self.num_spec_tokens),
+        calibration = torch.tensor(self.tracker.calibrations(self.input_batch.req_ids),
                                    device=confidence.device)
         chances = draft_chances(confidence, calibration)
         counts = choose_num_drafts(draft_survival(chances), plan.tau)
