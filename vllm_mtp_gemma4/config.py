@@ -40,6 +40,11 @@ class RelaxedAcceptance:
 
 RELAXED_KEYS = {"relaxed_acceptance": "enabled", "relaxed_topk": "topk", "relaxed_delta": "delta"}
 """Key in ``mtp.json``'s section and in ``SamplingParams.extra_args`` -> ``RelaxedAcceptance`` field."""
+FUSED_REJECTION_METHODS = ("standard", "synthetic")
+"""vLLM's ``rejection_sample_method`` values the fused step honours ("synthetic": benchmarks only, not lossless)."""
+DRAFT_CAP_KEY = "num_speculative_tokens"
+"""``SamplingParams.extra_args`` key (``vllm_xargs`` over HTTP): the most drafts a request sends per step (0: none)."""
+
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,9 @@ class PluginConfig:
         check_relaxed_options(section, where)
         return cls(**section)
 
-    def for_runner(self, runner: str) -> PluginConfig:
+    def for_runner(self, runner: str, rejection_sample_method: str = "standard") -> PluginConfig:
         """This config as ``runner`` ("V1" or "V2") runs it, ``fused`` resolved; a one-line error for a setting that
-        runner cannot honour."""
+        runner cannot honour (``rejection_sample_method``: the speculative config's, as vLLM resolved it)."""
         if runner == "V2":
             if self.fused:
                 raise MTPConfigError(
@@ -84,6 +89,14 @@ class PluginConfig:
         for feature in ("relaxed_acceptance", "adaptive_k"):
             if getattr(self, feature) and not fused:
                 raise MTPConfigError(f"{SECTION}.{feature}: needs the fused step on Model Runner V1 (\"fused\": true)")
+        if fused and rejection_sample_method not in FUSED_REJECTION_METHODS:
+            raise MTPConfigError(
+                f"speculative config 'rejection_sample_method': {rejection_sample_method!r} is not available with the "
+                f"plugin's fused step on Model Runner V1 (allowed: {', '.join(map(repr, FUSED_REJECTION_METHODS))}); "
+                f"set {SECTION}.fused to false for vLLM's own step")
+        if fused and rejection_sample_method == "synthetic" and self.relaxed_acceptance:
+            raise MTPConfigError(f"{SECTION}.relaxed_acceptance: not with 'rejection_sample_method': 'synthetic', "
+                                 f"whose rates replace every accept test")
         return replace(self, fused=fused)
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,6 +150,19 @@ def check_request_options(extra_args: dict[str, Any] | None, relaxed_available: 
     if options.get("relaxed_acceptance") and not relaxed_available:
         raise MTPConfigError("vllm_xargs.relaxed_acceptance: this server runs Model Runner V1 without the fused step "
                              "(fused: false)")
+
+
+def check_draft_cap(extra_args: dict[str, Any] | None, unavailable: str | None) -> None:
+    """Validate a request's draft cap (``DRAFT_CAP_KEY``); ``unavailable``: why this engine cannot honour one (None:
+    it can)."""
+    if DRAFT_CAP_KEY not in (extra_args or {}):
+        return
+    cap = extra_args[DRAFT_CAP_KEY]
+    if unavailable is not None:
+        raise MTPConfigError(f"vllm_xargs.{DRAFT_CAP_KEY}: {unavailable}")
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+        raise MTPConfigError(f"vllm_xargs.{DRAFT_CAP_KEY}: must be an integer >= 0 (the most drafts per step; 0: "
+                             f"none), got {cap!r}")
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from vllm_mtp_gemma4.config import (
     SECTION,
     MTPConfigError,
     PluginConfig,
+    check_draft_cap,
     check_draft_parallelism,
     check_logit_bias,
     check_request_options,
@@ -110,7 +111,7 @@ def _fit_to_runner(config: Any, plugin_config: PluginConfig, explicit_async: boo
     from vllm_mtp_gemma4.worker.v2 import RELAXED_PROCESSOR
 
     runner = "V2" if config.use_v2_model_runner else "V1"
-    resolved = plugin_config.for_runner(runner)
+    resolved = plugin_config.for_runner(runner, config.speculative_config.rejection_sample_method)
     stages = config.parallel_config.pipeline_parallel_size
     if runner == "V1" and stages > 1:
         # The first stage has no drafter, and the plugin's V1 runner and proposer were built for the drafting stage.
@@ -294,6 +295,9 @@ def _validate_requests() -> None:
             return original(self, params, supported_tasks)
         try:
             check_request_options(params.extra_args, bool(config.fused) or self.vllm_config.use_v2_model_runner)
+            check_draft_cap(params.extra_args, None if config.fused else
+                            "not available on Model Runner V2" if self.vllm_config.use_v2_model_runner else
+                            "this server runs Model Runner V1 without the fused step (fused: false)")
             if config.fused:
                 check_logit_bias(params.logit_bias, self.model_config.get_vocab_size())
         except MTPConfigError as e:

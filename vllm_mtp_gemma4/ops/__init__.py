@@ -19,7 +19,9 @@ from .sampling import (
 from .thinking import thinking_after, thinking_at_lengths, thinking_flags, thinking_flags_ragged
 from .verify import (
     PLACEHOLDER,
+    SYNTHETIC_STREAM,
     RelaxedInputs,
+    Synthetic,
     Verdict,
     Verification,
     accepted_rows,
@@ -29,6 +31,7 @@ from .verify import (
     relaxed_verdict,
     resolve,
     sampled_verdict,
+    synthetic_verdict,
     verify_greedy,
     verify_step,
 )
@@ -44,7 +47,9 @@ __all__ = [
     "GREEDY_TEMPERATURE",
     "PLACEHOLDER",
     "RelaxedInputs",
+    "SYNTHETIC_STREAM",
     "SamplingTensors",
+    "Synthetic",
     "Verdict",
     "Verification",
     "accepted_rows",
@@ -67,6 +72,7 @@ __all__ = [
     "sample_from_probs",
     "sampled_verdict",
     "shard_top1",
+    "synthetic_verdict",
     "thinking_after",
     "thinking_flags",
     "uniform_noise",

@@ -149,7 +149,15 @@ def sample_from_probs(probs: Tensor, uniforms: Tensor) -> Tensor:
     return torch.searchsorted(cdf, uniforms.unsqueeze(-1) * cdf[..., -1:]).squeeze(-1)
 
 
-def add_logit_bias(logits: Tensor, rows: Tensor, token_ids: Tensor, values: Tensor) -> Tensor:
-    """logits[B, P, V] plus ``values`` at (row, every position, token): OpenAI's ``logit_bias``, in place."""
-    logits[rows, :, token_ids] += values[:, None].to(logits.dtype)
-    return logits
+def add_logit_bias(logits: Tensor, positions: Tensor, counts: Tensor, token_ids: Tensor, values: Tensor) -> Tensor:
+    """OpenAI's ``logit_bias``, in place, on logits[N, V] in vLLM's flat spec-decode layout.
+
+    Row b owns the flat positions positions[b, :counts[b]] (positions[B, P], as ``verify.head_indices`` gives them:
+    slots past a row's own repeat its last position) and adds values[b, w] at token_ids[b, w] (token_ids, values
+    [B, W], padded with value 0). Padding and the slots past counts[b] add 0, so nothing here depends on the data's
+    shape: no host read. Called on the raw logits, before penalties, as vLLM's sampler orders it.
+    """
+    valid = torch.arange(positions.shape[1], device=positions.device) < counts[:, None]
+    added = values[:, None, :].to(logits.dtype) * valid[:, :, None]
+    index = (positions[:, :, None].expand_as(added), token_ids[:, None, :].expand_as(added))
+    return logits.index_put_(index, added, accumulate=True)

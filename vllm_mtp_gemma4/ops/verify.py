@@ -61,10 +61,15 @@ def relaxed_verdict(
     strict_ids: Tensor,
 ) -> Verdict:
     """At flagged positions (in_thinking[B, K]) accept what ``strict`` accepts or the relaxed rule does
-    (``relaxed.relaxed_accepts``; ``strict_ids`` only strictly); elsewhere ``strict``. The emitted tokens stay the
-    strict rule's. Not lossless: meant for thinking text only."""
+    (``relaxed.relaxed_accepts``; ``strict_ids`` only strictly: [S] for every row, or [B, S] per row, padded with
+    -1); elsewhere ``strict``. The emitted tokens stay the strict rule's. Not lossless: meant for thinking text
+    only."""
     has_draft = torch.arange(drafts.shape[1], device=drafts.device) < num_drafts[:, None]
-    flagged = in_thinking & has_draft & ~strict_only(drafts, strict_ids)
+    if strict_ids.dim() == 2:
+        strict_drafts = (drafts[:, :, None] == strict_ids[:, None, :]).any(-1)
+    else:
+        strict_drafts = strict_only(drafts, strict_ids)
+    flagged = in_thinking & has_draft & ~strict_drafts
     relaxed = relaxed_accepts(target_logits[:, :-1], drafts, topk[:, None], delta[:, None])
     return Verdict(strict.accept | (flagged & relaxed), strict.emit)
 
@@ -83,9 +88,31 @@ def next_tokens(verification: Verification) -> Tensor:
     return emitted.gather(1, verification.num_accepted[:, None]).squeeze(1)
 
 
-def verify_greedy(target_logits: Tensor, drafts: Tensor, num_drafts: Tensor) -> Verification:
-    """Greedy rows: accept while d == argmax."""
-    return resolve(greedy_verdict(target_logits, drafts), num_drafts)
+def verify_greedy(target_logits: Tensor, drafts: Tensor, num_drafts: Tensor,
+                  synthetic: Synthetic | None = None) -> Verification:
+    """Greedy rows: accept while d == argmax (with ``synthetic``, at its rates instead)."""
+    return resolve(synthetic_verdict(greedy_verdict(target_logits, drafts), synthetic), num_drafts)
+
+
+class Synthetic(NamedTuple):
+    """vLLM's ``rejection_sample_method: "synthetic"``: draft j+1 is accepted iff uniforms[:, j] < rates[j]."""
+
+    uniforms: Tensor  # [B, K] float64 in (0, 1], counter-based (``SYNTHETIC_STREAM`` at the drafts' positions)
+    rates: Tensor  # [K] float64: the conditional rate at each draft position, given the ones before were accepted
+
+
+SYNTHETIC_STREAM = 1
+"""``uniform_noise`` stream of the synthetic accept tests (stream 0 draws the tokens at the same positions)."""
+
+
+def synthetic_verdict(strict: Verdict, synthetic: Synthetic | None) -> Verdict:
+    """``strict`` with its accept tests replaced by ``synthetic``'s (None: ``strict``). The tokens emitted stay the
+    strict rule's, the target's own; an accepted draft is kept whatever it is. Not lossless: for benchmarks."""
+    if synthetic is None:
+        return strict
+    k = strict.accept.shape[1]
+    accept = synthetic.uniforms[:, :k].to(strict.accept.device) < synthetic.rates[:k].to(strict.accept.device)
+    return Verdict(accept, strict.emit)
 
 
 def accepted_rows(drafts: Tensor, verification: Verification) -> Tensor:
@@ -110,6 +137,7 @@ def verify_step(
     positions: Tensor | np.ndarray,
     relaxed: RelaxedInputs | None = None,
     max_top_k: int | None = None,
+    synthetic: Synthetic | None = None,
 ) -> Verification:
     """The whole verification of one step, greedy and sampled rows together, for argmax drafts.
 
@@ -118,7 +146,7 @@ def verify_step(
     the device (``uniform_noise``), the noise is made there and then moved to the logits' device. With
     ``relaxed``, relaxed acceptance applies at its flagged positions (in_thinking[B, K]) of its rows (rows[B]);
     None means no row is relaxed.
-    ``max_top_k`` is ``process_logits``'.
+    ``max_top_k`` is ``process_logits``'. ``synthetic`` replaces every accept test (``synthetic_verdict``).
     """
     probs = process_logits(target_logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
                            max_top_k)
@@ -128,7 +156,7 @@ def verify_step(
         flagged = relaxed.in_thinking & relaxed.rows[:, None]
         verdict = relaxed_verdict(target_logits, drafts, num_drafts, flagged, relaxed.topk, relaxed.delta, verdict,
                                   relaxed.strict_ids)
-    return resolve(verdict, num_drafts)
+    return resolve(synthetic_verdict(verdict, synthetic), num_drafts)
 
 
 class RelaxedInputs(NamedTuple):
@@ -138,7 +166,7 @@ class RelaxedInputs(NamedTuple):
     rows: Tensor  # [B] bool: the row is relaxed while it thinks
     topk: Tensor  # [B] int
     delta: Tensor  # [B] float
-    strict_ids: Tensor  # [S] ids accepted only by the strict rule (closing marker, EOS)
+    strict_ids: Tensor  # [B, S] per row (or [S] for all) ids only the strict rule accepts: closing marker, stop ids
 
 
 def head_indices(offsets: Tensor, width: int) -> Tensor:

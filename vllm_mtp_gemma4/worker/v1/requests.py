@@ -1,11 +1,20 @@
-"""Per-request state the fused step needs and vLLM's input batch does not keep.
+"""Per-request state the fused step needs and vLLM's input batch does not keep, cached once per request.
+
+At admission each request gets a slot, and its row of per-slot columns is filled once from its ``SamplingParams``:
 
 - a noise key: the request's ``seed``, or a hash of its request id (unique per request, and the same on every
   tensor-parallel rank, which must all draw the same tokens), so its draws depend only on (key, position);
-- its thinking state, walked forward over committed tokens (prompt included), so a prompt that ends inside an open
-  block starts in thinking and preemption or chunked prefill cannot lose it;
-- its relaxed-acceptance settings (the engine's, overridden by ``SamplingParams.extra_args``);
-- ``min_p`` and ``logit_bias``, which vLLM drops from its logits processors whenever speculation is on.
+- its relaxed-acceptance settings (the engine's, overridden by ``SamplingParams.extra_args``) and its strict-only
+  ids: the closing thinking marker and the request's own stop ids (``all_stop_token_ids``: the model's EOS ids and
+  its ``stop_token_ids``), which relaxed acceptance never accepts;
+- ``min_p`` and ``logit_bias``, which vLLM drops from its logits processors whenever speculation is on;
+- its draft cap (``extra_args["num_speculative_tokens"]``, 0 = no drafts);
+- its thinking state, on the device: set from the prompt at admission, then advanced by the tokens each step
+  commits (never rebuilt from history), so a prompt that ends inside an open block starts in thinking and
+  preemption or chunked prefill cannot lose it.
+
+A step's ``RowInputs`` are gathered from the slots of the batch's rows, and reused for as long as the batch holds
+the same requests in the same order (a decode run), so a steady step builds nothing in Python per request.
 """
 
 from __future__ import annotations
@@ -18,24 +27,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vllm_mtp_gemma4.config import PluginConfig, RelaxedAcceptance
-from vllm_mtp_gemma4.ops import Calibration, thinking_after
+from vllm_mtp_gemma4.config import DRAFT_CAP_KEY, PluginConfig
+from vllm_mtp_gemma4.ops import GREEDY_TEMPERATURE, Calibration, thinking_flags
 
 
 @dataclass
-class RequestState:
-    key: int
-    relaxed: RelaxedAcceptance
-    relaxed_greedy: bool  # the request opted in itself, which extends relaxed acceptance to greedy rows
-    min_p: float
-    logit_bias: dict[int, float]
-    thinking: bool = False
-    scanned: int = 0  # committed tokens already walked for ``thinking``
-    # Adaptive K (``ops/adaptive.py``, ``ops/cost.py``): the rate at which its drafts are accepted at each draft
-    # step (given the ones before were), how far to trust the assistant's confidence at each step, and the
-    # assistant's confidence in the drafts it has in flight.
-    acceptance: list[float] = field(default_factory=list)
-    calibration: list[Calibration] = field(default_factory=list)
+class AdaptiveState:
+    """Adaptive K (``ops/adaptive.py``, ``ops/cost.py``) per request: the rate at which its drafts are accepted at each
+    draft step (given the ones before were), how far to trust the assistant's confidence at each step, and the
+    assistant's confidence in the drafts it has in flight."""
+
+    acceptance: list[float]
+    calibration: list[Calibration]
     pending_confidence: list[float] = field(default_factory=list)
 
 
@@ -43,20 +46,23 @@ INITIAL_CALIBRATION = 4.0
 # Optimistic start: drafts get sent, so the outcomes that correct the estimates get observed.
 INITIAL_ACCEPTANCE = 0.8
 REQUEST_WEIGHT, ENGINE_WEIGHT = 0.2, 0.02  # exponential weights of one outcome, per request and engine-wide
+INITIAL_SLOTS = 64  # the slot columns double when more requests are alive (running or preempted) at once
 
 
 class RowInputs(NamedTuple):
     """The step's per-row inputs, [B] each, on the device unless said."""
 
+    slots: Tensor  # int64 slot of each row (device), for the per-slot thinking state
     key: np.ndarray  # int64 noise key, on the host (the noise is computed there)
-    first_position: np.ndarray  # int64 sequence index of the token drawn at slot 0, on the host
-    thinking: Tensor  # bool: inside a thinking block after the committed tokens
     relaxed: Tensor  # bool: relaxed acceptance applies to this row while it thinks
+    any_relaxed: bool  # host: whether any row is relaxed
     topk: Tensor  # int64
     delta: Tensor  # float32
+    strict_ids: Tensor  # [B, S] int64 ids relaxed acceptance never accepts (padded with -1)
     min_p: Tensor | None  # float32; None when no row uses it
-    logit_bias: tuple[Tensor, Tensor, Tensor] | None  # (rows, token ids, values); None when no row uses it
+    logit_bias: tuple[Tensor, Tensor] | None  # token ids [B, W] int64, values [B, W] float32 (0-padded); None: unused
     max_top_k: int | None  # host int: the largest top_k of the sampled rows; None when one has none
+    draft_caps: list[int] | None  # host: drafts each row may send next; None when no row is capped below K
 
 
 def request_key(req_id: str) -> int:
@@ -64,25 +70,156 @@ def request_key(req_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(req_id.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def _last_marker_state(tokens: list[int] | None, open_id: int, close_id: int) -> bool:
+    """Whether ``tokens`` (a prompt) end inside a thinking block: the last marker decides."""
+    if not tokens:
+        return False
+    ids = np.asarray(tokens)
+    markers = np.flatnonzero((ids == open_id) | (ids == close_id))
+    return bool(markers.size) and int(ids[markers[-1]]) == open_id
+
+
 class RequestTracker:
-    """Keeps ``RequestState`` per request id and turns the batch's rows into ``RowInputs``."""
+    """Slots per live request, their cached columns, and the batch's ``RowInputs``."""
 
     def __init__(self, config: PluginConfig, thinking_open_id: int | None, thinking_close_id: int | None,
-                 max_k: int) -> None:
+                 max_k: int, device: torch.device) -> None:
         self.config = config
         self.open_id = thinking_open_id
         self.close_id = thinking_close_id
-        self.states: dict[str, RequestState] = {}
+        self.max_k = max_k
+        self.device = device
+        self.slot_of: dict[str, int] = {}
+        self.free: list[int] = []
+        self.adaptive: dict[str, AdaptiveState] = {}
         # Engine-wide, per draft step: where a new request's estimates start.
         self.acceptance = [INITIAL_ACCEPTANCE] * max_k
         self.calibration = [Calibration.start(INITIAL_CALIBRATION)] * max_k
+        self._strict_base = [] if thinking_close_id is None else [thinking_close_id]
+        self._columns(INITIAL_SLOTS)
+        self._batch_ids: list[str] | None = None
+        self._batch: RowInputs | None = None
+
+    def _columns(self, size: int) -> None:
+        """(Re)allocate the per-slot columns at ``size`` slots, keeping what the first slots hold."""
+        old = {name: getattr(self, name) for name in ("key", "greedy", "top_k", "relaxed", "topk", "delta", "min_p",
+                                                      "cap", "strict", "bias_len", "bias_ids", "bias_values",
+                                                      "thinking")
+               if hasattr(self, name)}
+        self.key = np.zeros(size, np.int64)
+        self.greedy = np.zeros(size, bool)
+        self.top_k = np.zeros(size, np.int64)
+        self.relaxed = np.zeros(size, bool)
+        self.topk = np.zeros(size, np.int64)
+        self.delta = np.zeros(size, np.float32)
+        self.min_p = np.zeros(size, np.float32)
+        self.cap = np.zeros(size, np.int64)
+        self.strict = np.full((size, old["strict"].shape[1] if old else 1), -1, np.int64)
+        self.bias_len = np.zeros(size, np.int64)
+        self.bias_ids = np.zeros((size, old["bias_ids"].shape[1] if old else 0), np.int64)
+        self.bias_values = np.zeros_like(self.bias_ids, dtype=np.float32)
+        self.thinking = torch.zeros(size, dtype=torch.bool, device=self.device)
+        for name, column in old.items():
+            getattr(self, name)[: len(column)] = column
+        self.free += list(range(len(old.get("key", ())), size))[::-1]
+
+    def admit(self, req_id: str, sampling_params: Any, prompt_token_ids: list[int] | None) -> None:
+        """Give a new request its slot and fill the slot's columns from its parameters and prompt."""
+        if req_id in self.slot_of:  # a resumed request keeps its slot and state
+            return
+        if not self.free:
+            self._columns(2 * len(self.key))
+        slot = self.free.pop()
+        self.slot_of[req_id] = slot
+        params = sampling_params
+        relaxed, opted_in = self.config.relaxed_for_request(params.extra_args)
+        greedy = params.temperature < GREEDY_TEMPERATURE
+        self.key[slot] = request_key(req_id) if params.seed is None else params.seed
+        self.greedy[slot] = greedy
+        self.top_k[slot] = params.top_k
+        self.relaxed[slot] = relaxed.enabled and (opted_in or not greedy)
+        self.topk[slot] = relaxed.topk
+        self.delta[slot] = relaxed.delta
+        self.min_p[slot] = params.min_p
+        cap = (params.extra_args or {}).get(DRAFT_CAP_KEY)
+        self.cap[slot] = self.max_k if cap is None else min(int(cap), self.max_k)
+        self.strict[slot] = -1
+        strict = sorted({*self._strict_base, *params.all_stop_token_ids})
+        if len(strict) > self.strict.shape[1]:
+            self.strict = np.pad(self.strict, ((0, 0), (0, len(strict) - self.strict.shape[1])), constant_values=-1)
+        self.strict[slot, : len(strict)] = strict
+        self.bias_ids[slot] = 0
+        self.bias_values[slot] = 0.0
+        bias = params.logit_bias or {}
+        self.bias_len[slot] = len(bias)
+        if len(bias) > self.bias_ids.shape[1]:
+            width = ((0, 0), (0, len(bias) - self.bias_ids.shape[1]))
+            self.bias_ids, self.bias_values = np.pad(self.bias_ids, width), np.pad(self.bias_values, width)
+        self.bias_ids[slot, : len(bias)] = [int(t) for t in bias]
+        self.bias_values[slot, : len(bias)] = [float(v) for v in bias.values()]
+        if self.open_id is not None and self.close_id is not None:
+            self.thinking[slot] = _last_marker_state(prompt_token_ids, self.open_id, self.close_id)
+        self.adaptive[req_id] = AdaptiveState(list(self.acceptance), list(self.calibration))
+        self._batch_ids = None  # a slot's columns changed
+
+    def forget(self, req_ids: set[str]) -> None:
+        for req_id in req_ids:
+            slot = self.slot_of.pop(req_id, None)
+            if slot is not None:
+                self.free.append(slot)
+                self.adaptive.pop(req_id, None)
+
+    def rows(self, req_ids: list[str]) -> RowInputs:
+        """The batch's rows' inputs, gathered from their slots when the batch changed, else the last step's."""
+        if req_ids == self._batch_ids and self._batch is not None:
+            return self._batch
+        slots = np.fromiter((self.slot_of[r] for r in req_ids), np.int64, len(req_ids))
+
+        def to(x: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
+
+        relaxed = self.relaxed[slots]
+        sampled_top_k = self.top_k[slots][~self.greedy[slots]]
+        min_p = self.min_p[slots]
+        strict = self.strict[slots]
+        strict = strict[:, : max(1, int((strict >= 0).sum(axis=1).max(initial=0)))]
+        width = int(self.bias_len[slots].max(initial=0))
+        caps = self.cap[slots]
+        self._batch = RowInputs(
+            slots=to(slots),
+            key=self.key[slots],
+            relaxed=to(relaxed),
+            any_relaxed=bool(relaxed.any()),
+            topk=to(self.topk[slots]),
+            delta=to(self.delta[slots]),
+            strict_ids=to(strict),
+            min_p=to(min_p) if min_p.any() else None,
+            logit_bias=(to(self.bias_ids[slots, :width]), to(self.bias_values[slots, :width])) if width else None,
+            max_top_k=int(sampled_top_k.max()) if sampled_top_k.size and sampled_top_k.min() > 0 else None,
+            draft_caps=caps.tolist() if (caps < self.max_k).any() else None,
+        )
+        self._batch_ids = list(req_ids)
+        return self._batch
+
+    def thinking_of(self, rows: RowInputs) -> Tensor:
+        """[B] bool on the device: whether each row is inside a thinking block after its committed tokens."""
+        return self.thinking[rows.slots]
+
+    def advance(self, rows: RowInputs, sampled: Tensor, discarded: Tensor) -> None:
+        """Walk the rows' thinking state over the tokens this step committed (sampled[B, K+1], -1 past each row's
+        next token; rows where discarded[B], partial prefills, committed nothing). Only relaxed rows read it."""
+        if not rows.any_relaxed or self.open_id is None or self.close_id is None:
+            return
+        before = self.thinking_of(rows)
+        after = thinking_flags(before, sampled.long(), self.open_id, self.close_id)[:, -1]
+        self.thinking[rows.slots] = torch.where(discarded, before, after)
 
     def survival(self, req_ids: list[str]) -> Tensor:
         """[B, K] host float64: each request's chance that its drafts 1..j are all accepted, from its acceptance
         rates (new requests start from the engine-wide ones)."""
         rates = []
         for req_id in req_ids:
-            state = self.states.get(req_id)
+            state = self.adaptive.get(req_id)
             rates.append(state.acceptance if state is not None else self.acceptance)
         return torch.tensor(rates, dtype=torch.float64).reshape(len(req_ids), len(self.acceptance)).cumprod(dim=1)
 
@@ -90,7 +227,7 @@ class RequestTracker:
         """[B][K] per-step calibration of each request (new ones start from the engine-wide estimate)."""
         rows = []
         for req_id in req_ids:
-            state = self.states.get(req_id)
+            state = self.adaptive.get(req_id)
             rows.append([c.ratio for c in (state.calibration if state is not None else self.calibration)])
         return rows
 
@@ -103,7 +240,7 @@ class RequestTracker:
         """
         accepted = ((sampled != -1).sum(dim=1) - 1).tolist()
         for req_id, n, a in zip(req_ids, num_drafts, accepted):
-            state = self.states.get(req_id)
+            state = self.adaptive.get(req_id)
             if state is None or n == 0:
                 continue
             judged = min(n, a + 1)
@@ -119,93 +256,6 @@ class RequestTracker:
     def expect(self, req_ids: list[str], counts: list[int], confidence: list[list[float]] | None) -> None:
         """The drafts each request sends next, and the assistant's confidence in them (None: not known)."""
         for row, (req_id, count) in enumerate(zip(req_ids, counts)):
-            state = self.states.get(req_id)
+            state = self.adaptive.get(req_id)
             if state is not None:
                 state.pending_confidence = [] if confidence is None else confidence[row][:count]
-
-    def forget(self, req_ids: set[str]) -> None:
-        for req_id in req_ids:
-            self.states.pop(req_id, None)
-
-    def _state(self, req_id: str, sampling_params: Any) -> RequestState:
-        state = self.states.get(req_id)
-        if state is None:
-            relaxed, opted_in = self.config.relaxed_for_request(sampling_params.extra_args)
-            seed = sampling_params.seed
-            state = RequestState(
-                acceptance=list(self.acceptance),
-                calibration=list(self.calibration),
-                key=request_key(req_id) if seed is None else seed,
-                relaxed=relaxed,
-                relaxed_greedy=opted_in,
-                min_p=sampling_params.min_p,
-                logit_bias={int(k): float(v) for k, v in (sampling_params.logit_bias or {}).items()},
-            )
-            self.states[req_id] = state
-        return state
-
-    def row_inputs(
-        self,
-        req_ids: list[str],
-        sampling_params: list[Any],
-        token_ids: np.ndarray,
-        num_tokens: np.ndarray,
-        temperature_is_greedy: list[bool],
-        device: torch.device,
-    ) -> tuple[RowInputs, bool]:
-        """Inputs for the batch's rows, and whether any row is relaxed (known here, so the device is not asked).
-
-        token_ids[row, :num_tokens[row]] are the row's committed tokens.
-        """
-        rows = len(req_ids)
-        key = np.empty(rows, np.int64)
-        thinking = np.zeros(rows, bool)
-        relaxed = np.zeros(rows, bool)
-        topk = np.empty(rows, np.int64)
-        delta = np.empty(rows, np.float32)
-        min_p = np.zeros(rows, np.float32)
-        bias_rows: list[int] = []
-        bias_ids: list[int] = []
-        bias_values: list[float] = []
-        top_ks = [p.top_k for p, greedy in zip(sampling_params, temperature_is_greedy) if not greedy]
-        max_top_k = max(top_ks) if top_ks and min(top_ks) > 0 else None
-        for row, (req_id, params) in enumerate(zip(req_ids, sampling_params)):
-            state = self._state(req_id, params)
-            end = int(num_tokens[row])
-            if self.open_id is not None and self.close_id is not None:
-                new_tokens = token_ids[row, state.scanned:end].tolist()
-                state.thinking = thinking_after(state.thinking, new_tokens, self.open_id, self.close_id)
-            state.scanned = end
-            key[row] = state.key
-            thinking[row] = state.thinking
-            relaxed[row] = state.relaxed.enabled and (state.relaxed_greedy or not temperature_is_greedy[row])
-            topk[row] = state.relaxed.topk
-            delta[row] = state.relaxed.delta
-            min_p[row] = state.min_p
-            for token_id, value in state.logit_bias.items():
-                bias_rows.append(row)
-                bias_ids.append(token_id)
-                bias_values.append(value)
-
-        def to(x: np.ndarray) -> Tensor:
-            return torch.from_numpy(x).to(device, non_blocking=True)
-
-        logit_bias = None
-        if bias_rows:
-            logit_bias = (
-                torch.tensor(bias_rows, device=device),
-                torch.tensor(bias_ids, device=device),
-                torch.tensor(bias_values, dtype=torch.float32, device=device),
-            )
-        inputs = RowInputs(
-            key=key,
-            first_position=num_tokens[:rows].astype(np.int64),
-            thinking=to(thinking),
-            relaxed=to(relaxed),
-            topk=to(topk),
-            delta=to(delta),
-            min_p=to(min_p) if min_p.any() else None,
-            logit_bias=logit_bias,
-            max_top_k=max_top_k,
-        )
-        return inputs, bool(relaxed.any())

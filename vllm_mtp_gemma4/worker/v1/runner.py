@@ -34,14 +34,14 @@ from vllm.distributed import get_tp_group
 from vllm.tokenizers import cached_tokenizer_from_config
 from vllm.v1.outputs import ModelRunnerOutput, SamplerOutput
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+from vllm.v1.spec_decode.utils import unconditional_to_conditional_rates
 from vllm.v1.structured_output.utils import apply_grammar_bitmask
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_mtp_gemma4.config import PluginConfig, strict_token_ids, thinking_marker_ids
+from vllm_mtp_gemma4.config import PluginConfig, thinking_marker_ids
 from vllm_mtp_gemma4.log import get_logger
 from vllm_mtp_gemma4.ops import (
-    GREEDY_TEMPERATURE,
     DraftPlan,
     StepTimes,
     batch_bucket,
@@ -54,7 +54,7 @@ from vllm_mtp_gemma4.ops import (
 from vllm_mtp_gemma4.worker import STEP_PHASES
 from vllm_mtp_gemma4.worker.v1.host_reads import HostReadCounter, counting_enabled, device_tensors
 from vllm_mtp_gemma4.worker.v1.proposer import Gemma4MTPProposer
-from vllm_mtp_gemma4.worker.v1.requests import RequestTracker
+from vllm_mtp_gemma4.worker.v1.requests import RequestTracker, RowInputs
 from vllm_mtp_gemma4.worker.v1.verifier import StepVerifier
 
 logger = get_logger(__name__)
@@ -84,9 +84,16 @@ class FusedStepMixin:
         self.plugin_config = config
         tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
         open_id, close_id = thinking_marker_ids(tokenizer)
-        self.tracker = RequestTracker(config, open_id, close_id, self.num_spec_tokens)
-        self.verifier = StepVerifier(self.sampler, open_id, close_id,
-                                     strict_token_ids(tokenizer, vllm_config.model_config.hf_text_config.eos_token_id))
+        self.tracker = RequestTracker(config, open_id, close_id, self.num_spec_tokens, device)
+        spec = vllm_config.speculative_config
+        synthetic = None
+        if spec.rejection_sample_method == "synthetic":
+            synthetic = unconditional_to_conditional_rates(spec.synthetic_acceptance_rates)
+            logger.warning("vllm-mtp-gemma4: rejection_sample_method 'synthetic': each draft is accepted at the "
+                           "configured rate (per position %s), whatever it is; the output is NOT lossless (for "
+                           "benchmarks only)", spec.synthetic_acceptance_rates)
+        self.verifier = StepVerifier(self.sampler, self.tracker, synthetic)
+        self._rows: RowInputs | None = None  # the running step's
         self.step_times = StepTimes(self.num_spec_tokens)
         self.times_in_use = self.step_times.estimated()
         self.plans = 0
@@ -162,6 +169,8 @@ class FusedStepMixin:
         result = super()._update_states(scheduler_output)
         if self.fused:
             self.tracker.forget(scheduler_output.finished_req_ids)
+            for new in scheduler_output.scheduled_new_reqs:
+                self.tracker.admit(new.req_id, new.sampling_params, new.prompt_token_ids)
             # Noise is counter-based; vLLM's per-request generators would only be rewound on partial prefills,
             # which CPU generators cannot do ("CPU Generator does not use offset").
             self.input_batch.generators.clear()
@@ -173,16 +182,14 @@ class FusedStepMixin:
                 return super()._sample(logits, spec_decode_metadata)
         batch = self.input_batch
         num_rows = batch.num_reqs
-        req_ids = batch.req_ids[:num_rows]
-        params = [self.requests[req_id].sampling_params for req_id in req_ids]
-        rows, any_relaxed = self.tracker.row_inputs(
-            req_ids, params, batch.token_ids_cpu, batch.num_tokens_no_spec,
-            [p.temperature < GREEDY_TEMPERATURE for p in params], self.device,
-        )
+        self._rows = rows = self.tracker.rows(batch.req_ids[:num_rows])
         sampler_output, _ = self.verifier.verify(
             logits, spec_decode_metadata, batch.sampling_metadata, rows, batch.spec_token_ids[:num_rows],
-            any_relaxed,
+            batch.num_tokens_no_spec[:num_rows].astype(np.int64),
         )
+        if rows.any_relaxed:  # the thinking state, advanced on the device by what this step commits
+            discarded = torch.from_numpy(self.discard_request_mask.np[:num_rows]).to(self.device, non_blocking=True)
+            self.tracker.advance(rows, sampler_output.sampled_token_ids, discarded)
         return sampler_output
 
     @contextmanager
@@ -242,8 +249,12 @@ class FusedStepMixin:
                 if spec_decode_metadata is not None:
                     self.tracker.observe_acceptance(req_ids, spec_decode_metadata.num_draft_tokens, sampled)
                 counts, confidence = chosen
+                if self._rows.draft_caps is not None:
+                    counts = [min(n, cap) for n, cap in zip(counts, self._rows.draft_caps)]
                 self.tracker.expect(req_ids, counts, confidence)
                 next_drafts = [row[:n] for row, n in zip(next_drafts, counts)]
+            elif self._rows.draft_caps is not None:  # per-request caps (``vllm_xargs``)
+                next_drafts = [row[:cap] for row, cap in zip(next_drafts, self._rows.draft_caps)]
             self._draft_token_ids = next_drafts
             self._draft_token_req_ids = self.input_batch.req_ids.copy()
             (num_nans_in_logits, _, logprobs_lists, valid_sampled_token_ids, prompt_logprobs_dict,
