@@ -42,7 +42,7 @@ class Job:
     """
 
     engine: dict[str, Any]
-    prompts: list[str] | list[list[int]]
+    prompts: list[str] | list[list[int]] | list[dict[str, Any]]  # dicts: vLLM's prompt dicts, images as paths
     sampling: dict[str, Any] | list[dict[str, Any]] = field(
         default_factory=lambda: {"temperature": 0.0, "max_tokens": 64})
     plugins: bool = True
@@ -99,6 +99,8 @@ class JobResult:
     logprobs: list[list[dict[int, float]] | None] = field(default_factory=list)  # per request, per token
     prompt_logprobs: list[list[dict[int, float] | None] | None] = field(default_factory=list)
     worker_counters: list[dict[str, Any]] = field(default_factory=list)  # per worker; see ``Job.worker_counters``
+    # per request, vLLM's own acceptance summary (engine option ``per_request_spec_decode_metrics``), else None
+    request_spec: list[dict[str, Any] | None] = field(default_factory=list)
     log: str = ""  # the subprocess's whole stdout and stderr
 
 
@@ -130,10 +132,20 @@ def _job_env(plugins: bool, env: dict[str, str], worker_counters: bool = False) 
     return merged
 
 
-def _prompt_inputs(prompts: list[str] | list[list[int]]) -> list:
+def _prompt_inputs(prompts: list[str] | list[list[int]] | list[dict[str, Any]]) -> list:
+    """vLLM's prompt inputs. A dict prompt passes as it is, except that its ``multi_modal_data`` images, given as
+    file paths (a job travels as JSON), are opened here."""
     if prompts and isinstance(prompts[0], list):
         return [{"prompt_token_ids": p} for p in prompts]
-    return list(prompts)
+    return [_open_images(p) if isinstance(p, dict) else p for p in prompts]
+
+
+def _open_images(prompt: dict[str, Any]) -> dict[str, Any]:
+    from PIL import Image
+
+    data = prompt.get("multi_modal_data", {})
+    return {**prompt, "multi_modal_data": {kind: [Image.open(path).convert("RGB") for path in items]
+                                           if kind == "image" else items for kind, items in data.items()}}
 
 
 def run_in_process(job: Job) -> JobResult:
@@ -169,6 +181,8 @@ def run_in_process(job: Job) -> JobResult:
         logprobs=[_logprob_dicts(o.outputs[0].logprobs) for o in outputs],
         prompt_logprobs=[_logprob_dicts(o.prompt_logprobs) for o in outputs],
         worker_counters=counters,
+        request_spec=[None if o.outputs[0].spec_decode_metrics is None else o.outputs[0].spec_decode_metrics.to_dict()
+                      for o in outputs],
     )
 
 

@@ -132,14 +132,14 @@ def free_port() -> int:
 
 
 class Server:
-    """``vllm serve`` of the fixture on a free loopback port, as a process group we stop ourselves."""
+    """``vllm serve`` of the fixture (or ``model``) on a free loopback port, as a process group we stop ourselves."""
 
     def __init__(self, log_path: Path, speculative: bool, plugins: bool = True, extra: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, model: Path = FIXTURE_DIR / "target"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        args = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(FIXTURE_DIR / "target"),
+        args = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model),
                 "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", MODEL_NAME,
                 "--reasoning-parser", "gemma4", "--max-model-len", "4096", "--gpu-memory-utilization", "0.2",
                 *SERVE_ARGS, *extra]
