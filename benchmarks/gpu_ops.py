@@ -8,7 +8,7 @@ For vocab 262,144, B in {1, 8, 64} and K in {1, 4, 7}, it builds one step's inpu
 CPU from a fixed seed (half the rows greedy, half sampled at T=0.8, top-k 64, top-p 0.9, rows in a thinking
 block relaxed) and runs V1's fused verification (thinking flags, then greedy, sampled and relaxed rows in one
 ``verify_step``, then the accepted rows), and the V2 relaxed-acceptance logits processor's ops on the same rows
-flattened (thinking state from a 2,048-token history, the relaxed rule, forcing):
+flattened (thinking state advanced by the last step's tokens, the relaxed rule, forcing):
 - parity: the same step on the CPU and on the device, token for token;
 - time: the step eager op by op (the unfused reference) against the same step under ``torch.compile``
   with CUDA graphs (``mode="reduce-overhead"``), as a ratio; the V2 processor's ops, eager; the inverse-CDF
@@ -32,14 +32,11 @@ from vllm_mtp_gemma4.ops import (
     RelaxedInputs,
     SamplingTensors,
     accepted_rows,
-    force_tokens,
+    advance_thinking,
+    force_relaxed_drafts,
     process_logits,
-    relaxed_accepts,
     sample_from_probs,
-    strict_only,
-    thinking_at_lengths,
     thinking_flags,
-    thinking_flags_ragged,
     uniform_noise,
     verify_step,
 )
@@ -68,7 +65,7 @@ def make_inputs(batch: int, k: int, vocab: int, seed: int = 0) -> dict[str, torc
         "topk": torch.full((batch,), RELAXED_TOPK),
         "delta": torch.full((batch,), RELAXED_DELTA),
         "strict_ids": torch.tensor([1, 6, CLOSE_THINKING]),
-        "history": torch.randint(0, 16, (batch * (k + 1), HISTORY), generator=gen),
+        "history": torch.randint(0, 16, (batch, HISTORY), generator=gen),
     }
 
 
@@ -83,21 +80,23 @@ def step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 
 def v2_relaxed_step(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """What ``worker/v2/relaxed.py`` runs per step on its rows: [B*(K+1)] logits rows, each judging the next."""
+    """What ``worker/v2/relaxed.py`` runs per step: each request's thinking state advanced by the K + 1 tokens it
+    committed last step (a window of its history, never all of it), then ``force_relaxed_drafts`` on the
+    [B*(K+1)] logits rows, each judging the next."""
     batch, width, vocab = x["logits"].shape
     logits = x["logits"].reshape(-1, vocab).clone()
-    local = torch.arange(width).repeat(batch)
+    upto = torch.full((batch,), HISTORY - 1, device=logits.device)
+    start = upto - width
+    window = x["history"][:batch].gather(1, start[:, None] + torch.arange(width, device=logits.device))
+    inside, _ = advance_thinking(x["in_thinking"][:, 0], upto - width, window, start, upto, OPEN_THINKING,
+                                 CLOSE_THINKING)
     tokens = torch.cat([x["new_tokens"][:, None], x["drafts"]], 1).reshape(-1)
-    draft = torch.cat([tokens[1:], tokens.new_zeros(1)])
-    has_draft = torch.cat([local[1:] == local[:-1] + 1, torch.zeros(1, dtype=torch.bool)])
-    committed = torch.full_like(local, HISTORY - width) - local
-    start = thinking_at_lengths(x["history"], committed, OPEN_THINKING, CLOSE_THINKING)
-    row = torch.arange(tokens.shape[0])
-    thinking = thinking_flags_ragged(start, tokens, row - local, OPEN_THINKING, CLOSE_THINKING)
-    flagged = has_draft & thinking & ~strict_only(draft, x["strict_ids"])
-    topk, delta = x["topk"].repeat_interleave(width), x["delta"].repeat_interleave(width)
-    force_tokens(logits, flagged & relaxed_accepts(logits, draft, topk, delta), draft)
-    return logits.argmax(-1), flagged
+    local = torch.arange(width, device=logits.device).repeat(batch)
+    per_row = lambda t: t.repeat_interleave(width, 0)  # noqa: E731
+    forced = force_relaxed_drafts(logits, tokens, local, per_row(inside), per_row(torch.ones_like(inside)),
+                                  per_row(x["topk"]), per_row(x["delta"]), x["strict_ids"], batch * (width - 1),
+                                  OPEN_THINKING, CLOSE_THINKING)
+    return logits.argmax(-1), forced
 
 
 def draw(x: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -18,11 +18,13 @@ from vllm_mtp_gemma4.ops import (
     Verdict,
     Verification,
     accepted_rows,
+    advance_thinking,
     batch_bucket,
     choose_num_drafts,
     draft_chances,
     draft_survival,
     exploring,
+    force_relaxed_drafts,
     force_tokens,
     greedy_verdict,
     head_indices,
@@ -36,6 +38,7 @@ from vllm_mtp_gemma4.ops import (
     sample_from_probs,
     sampled_verdict,
     shard_top1,
+    strict_only,
     thinking_after,
     thinking_at_lengths,
     thinking_flags,
@@ -480,7 +483,7 @@ def test_force_tokens_makes_the_token_certain_and_leaves_other_rows():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 50, generator=gen) * 5
     before = logits.clone()
-    force_tokens(logits, t([True, False, True, True]), t([7, 8, 9, 10]))
+    force_tokens(logits, torch.arange(4), t([7, 8, 9, 10]), t([True, False, True, True]))
     assert logits.argmax(-1).tolist()[::2] == [7, 9] and logits[3].argmax().item() == 10
     assert torch.equal(logits[1], before[1])
     for temperature in (0.5, 1.0, 4.0):
@@ -501,6 +504,102 @@ def test_thinking_state_of_a_prefix_and_of_ragged_rows_match_the_host_walk():
     want = [thinking_after(bool(start[n]), flat[first[n]:n + 1].tolist(), OPEN, CLOSE) for n in range(10)]
     assert got.tolist() == want
     assert any(want) and not all(want)
+
+
+def test_advancing_the_thinking_state_step_by_step_matches_the_host_walk():
+    """Committed tokens arrive a few per step (as accepted drafts do); each step folds only the new ones from a
+    window that ends at the step's last committed token, and the state always equals the walk over all of them."""
+    gen = torch.Generator().manual_seed(5)
+    history = torch.randint(0, 9, (6, 60), generator=gen)
+    scanned = torch.randint(0, 8, (6,), generator=gen)
+    state = thinking_at_lengths(history, scanned, OPEN, CLOSE)
+    width = 4
+    for _ in range(20):
+        upto = (scanned + torch.randint(0, width + 1, (6,), generator=gen)).clamp(max=60)
+        start = (upto - width).clamp(min=0)
+        window = history.gather(1, (start[:, None] + torch.arange(width)).clamp(max=59))
+        state, scanned = advance_thinking(state, scanned, window, start, upto, OPEN, CLOSE)
+        assert torch.equal(scanned, upto)
+        assert state.tolist() == [thinking_after(False, r[:n].tolist(), OPEN, CLOSE) for r, n in zip(history, upto)]
+    # A window that ends before what was already scanned (a prefill chunk) changes nothing.
+    same = advance_thinking(state, scanned, window, start - 2, (scanned - 2).clamp(min=0), OPEN, CLOSE)
+    assert torch.equal(same[0], state) and torch.equal(same[1], scanned)
+
+
+def reference_relaxed(logits: Tensor, drafts: Tensor, topk: Tensor, delta: Tensor) -> Tensor:
+    probs = logits.softmax(-1)
+    draft_logit = logits.gather(-1, drafts[..., None])
+    rank = (logits > draft_logit).sum(-1)
+    p_draft = probs.gather(-1, drafts[..., None]).squeeze(-1)
+    return (rank < topk) & (p_draft >= probs.amax(-1) - delta) & draft_logit.squeeze(-1).isfinite()
+
+
+def test_relaxed_rule_in_row_chunks_equals_the_softmax_rule(monkeypatch):
+    """Chunks of 3 rows at V=1000 (a 12 kB bound): the same verdicts as a whole-batch softmax, for all rows and for
+    an index of rows with repeats; the row max comes back for forcing."""
+    from vllm_mtp_gemma4.ops import relaxed as relaxed_ops
+
+    monkeypatch.setattr(relaxed_ops, "CHUNK_BYTES", 3 * 4 * 1000)
+    assert relaxed_ops.row_chunk(1000) == 3
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 4, 1000, generator=gen) * 3
+    logits[0, 0, 17] = float("-inf")
+    drafts = torch.where(torch.rand(5, 4, generator=gen) < 0.5, logits.argsort(-1, descending=True)[..., 2],
+                         torch.randint(0, 1000, (5, 4), generator=gen))
+    drafts[0, 0] = 17
+    topk, delta = t([[3], [5], [1], [10], [2]]), t([[0.3], [0.9], [0.0], [1.0], [0.05]])
+    got, row_max = relaxed_accepts(logits, drafts, topk, delta)
+    want = reference_relaxed(logits, drafts, topk, delta)
+    assert torch.equal(got, want) and want.any() and not want.all() and not got[0, 0]
+    assert torch.equal(row_max, logits.amax(-1))
+    flat = logits.reshape(20, 1000)
+    rows = t([19, 3, 3, 0, 7, 12, 12])
+    got, _ = relaxed_accepts(flat, drafts.reshape(20)[rows], topk.expand(5, 4).reshape(20)[rows],
+                             delta.expand(5, 4).reshape(20)[rows], rows=rows)
+    assert torch.equal(got, want.reshape(20)[rows])
+
+
+def test_strict_ids_per_row_padded():
+    drafts = t([[5, 9, 2], [5, 9, 2]])
+    per_row = t([[[9, -1]], [[5, 2]]])  # row 0: {9}; row 1: {5, 2}
+    assert strict_only(drafts, per_row).tolist() == [[False, True, False], [True, False, True]]
+    assert strict_only(drafts, t([2])).tolist() == [[False, False, True]] * 2
+
+
+def test_forcing_with_repeated_padding_rows_keeps_the_forced_cell():
+    logits = torch.zeros(3, 6)
+    logits[:, 0] = 2.0
+    force_tokens(logits, t([2, 1, 2, 2]), t([4, 3, 4, 4]), t([False, True, True, False]))
+    assert logits.argmax(-1).tolist() == [0, 3, 4]
+    assert logits[2, 4].item() == pytest.approx(2.0 + 1e4)
+
+
+def test_v2_forcing_judges_each_relaxed_draft_inside_thinking_once():
+    """Three requests back to back (4, 1 and 3 rows): rows judge the next row's draft within their request, inside
+    thinking (from the start state and the markers fed so far), for relaxed requests only, strict ids excepted; the
+    forced drafts become each row's argmax and every other row keeps its logits."""
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(8, 12, generator=gen)
+    tokens = t([1, 4, OPEN, 4, 9, 2, 4, CLOSE])
+    local = t([0, 1, 2, 3, 0, 0, 1, 2])
+    start = t([False] * 4 + [True] * 4)
+    relaxed = t([True] * 5 + [False] + [True] * 2)
+    probs = torch.full((12,), 0.01)
+    probs[[0, 4, CLOSE]] = torch.tensor([0.5, 0.3, 0.3])
+    logits[:] = probs.log()
+    strict_ids = t([[CLOSE, -1]] * 8)
+    forced = logits.clone()
+    rows = force_relaxed_drafts(forced, tokens, local, start, relaxed, t([3] * 8), t([0.3] * 8), strict_ids, 6,
+                                OPEN, CLOSE)
+    # Row 0 judges 4 outside thinking; row 1 judges OPEN (outside); row 2 judges 4 right after OPEN: forced.
+    # Row 5's request is not relaxed; row 6 judges CLOSE: strict only. Rows 3, 4, 7 judge no draft of theirs.
+    assert rows.tolist() == [False, False, True, False, False, False, False, False]
+    assert forced[2].argmax().item() == 4
+    assert torch.equal(forced[[0, 1, 3, 4, 5, 6, 7]], logits[[0, 1, 3, 4, 5, 6, 7]])
+    # A bound below the flagged rows judges only the first ones.
+    capped = logits.clone()
+    assert not force_relaxed_drafts(capped, tokens, local, start, relaxed, t([3] * 8), t([0.3] * 8), strict_ids, 0,
+                                    OPEN, CLOSE).any()
 
 
 def block_logits(rows: int) -> torch.Tensor:
@@ -576,17 +675,16 @@ def test_ops_trace_as_single_graphs():
     for got, want in zip(compiled(logits, *args), step(logits, *args)):
         assert torch.equal(got, want)
 
-    def v2_relaxed(logits, tokens, history, lengths, first_row, topk, delta):
-        start = thinking_at_lengths(history, lengths, OPEN, CLOSE)
-        thinking = thinking_flags_ragged(start, tokens, first_row, OPEN, CLOSE)
+    def v2_relaxed(logits, tokens, local, start, relaxed, topk, delta, strict_ids):
         forced = logits.clone()
-        force_tokens(forced, thinking & relaxed_accepts(logits, tokens, topk, delta), tokens)
-        return forced
+        rows = force_relaxed_drafts(forced, tokens, local, start, relaxed, topk, delta, strict_ids, 4, OPEN, CLOSE)
+        return forced, rows
 
-    v2_args = (torch.randn(6, 10), t([1, OPEN, 2, 3, CLOSE, 4]), torch.randint(0, 9, (6, 8)), t([3, 3, 3, 5, 5, 5]),
-               t([0, 0, 0, 3, 3, 3]), t([3] * 6), t([0.5] * 6))
+    v2_args = (torch.randn(6, 10), t([1, OPEN, 2, 3, CLOSE, 4]), t([0, 1, 2, 0, 1, 2]), t([False] * 3 + [True] * 3),
+               t([True] * 6), t([3] * 6), t([0.5] * 6), t([[CLOSE]] * 6))
     compiled = torch.compile(v2_relaxed, backend="eager", fullgraph=True)
-    assert torch.equal(compiled(*v2_args), v2_relaxed(*v2_args))
+    for got, want in zip(compiled(*v2_args), v2_relaxed(*v2_args)):
+        assert torch.equal(got, want)
 
 
 def test_partial_top_k_matches_the_full_sort():

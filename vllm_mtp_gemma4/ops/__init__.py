@@ -7,7 +7,7 @@ Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 
 from .adaptive import Calibration, choose_num_drafts, draft_chances, draft_survival
 from .cost import DraftPlan, StepTimes, batch_bucket, exploring, plan_drafts
-from .relaxed import force_tokens, relaxed_accepts, strict_only
+from .relaxed import force_relaxed_drafts, force_tokens, relaxed_accepts, row_chunk, strict_only
 from .sampling import (
     GREEDY_TEMPERATURE,
     SamplingTensors,
@@ -16,7 +16,7 @@ from .sampling import (
     sample_from_probs,
     uniform_noise,
 )
-from .thinking import thinking_after, thinking_at_lengths, thinking_flags, thinking_flags_ragged
+from .thinking import advance_thinking, thinking_after, thinking_at_lengths, thinking_flags, thinking_flags_ragged
 from .verify import (
     PLACEHOLDER,
     SYNTHETIC_STREAM,
@@ -40,10 +40,13 @@ from .vocab_parallel import reduce_top1, shard_top1
 __all__ = [
     "Calibration",
     "thinking_flags_ragged",
+    "advance_thinking",
+    "row_chunk",
     "thinking_at_lengths",
     "strict_only",
     "relaxed_accepts",
     "force_tokens",
+    "force_relaxed_drafts",
     "GREEDY_TEMPERATURE",
     "PLACEHOLDER",
     "RelaxedInputs",

@@ -50,3 +50,19 @@ def thinking_flags_ragged(start_state: Tensor, tokens: Tensor, first_row: Tensor
     last = torch.where(is_marker, row, -1).cummax(dim=0).values
     opened = tokens[last.clamp(min=0)] == open_id
     return torch.where(last >= first_row, opened, start_state)
+
+
+def advance_thinking(state: Tensor, scanned: Tensor, window: Tensor, window_start: Tensor, upto: Tensor,
+                     open_id: int, close_id: int) -> tuple[Tensor, Tensor]:
+    """Fold newly committed tokens into per-request thinking states: ([R] state, [R] scanned).
+
+    ``state[r]`` is the state after a request's first ``scanned[r]`` committed tokens, ``window[r, :W]`` its
+    committed tokens from position ``window_start[r]`` on. The tokens at positions ``scanned[r]`` to ``upto[r] - 1``
+    are folded in (the caller's window must cover them); with none, the state holds.
+    """
+    pos = window_start[:, None] + torch.arange(window.shape[1], device=window.device)
+    new = (pos >= scanned[:, None]) & (pos < upto[:, None])
+    is_marker = ((window == open_id) | (window == close_id)) & new
+    last = torch.where(is_marker, torch.arange(window.shape[1], device=window.device), -1).amax(1)
+    opened = window.gather(1, last.clamp(min=0)[:, None]).squeeze(1) == open_id
+    return torch.where(last >= 0, opened, state), torch.maximum(scanned, upto)

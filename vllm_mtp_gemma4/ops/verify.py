@@ -70,7 +70,7 @@ def relaxed_verdict(
     else:
         strict_drafts = strict_only(drafts, strict_ids)
     flagged = in_thinking & has_draft & ~strict_drafts
-    relaxed = relaxed_accepts(target_logits[:, :-1], drafts, topk[:, None], delta[:, None])
+    relaxed, _ = relaxed_accepts(target_logits[:, :-1], drafts, topk[:, None], delta[:, None])
     return Verdict(strict.accept | (flagged & relaxed), strict.emit)
 
 
