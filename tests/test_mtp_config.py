@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from vllm.engine.arg_utils import EngineArgs
 
 from vllm_mtp_gemma4.config import (
     SECTION,
@@ -19,14 +20,12 @@ from vllm_mtp_gemma4.config import (
     check_draft_parallelism,
     check_request_options,
     load_speculative_config,
-    resolve,
 )
 
-from .conftest import ASSISTANT, TARGET, V2_ENV
+from .conftest import ASSISTANT, ENGINE, TARGET, V2_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = {"method": "mtp", "model": str(ASSISTANT), "num_speculative_tokens": 3}
-ALLOWED = {"method", "model", "num_speculative_tokens", "draft_tensor_parallel_size", "quantization"}
 
 
 def test_file_path_and_inline_json_give_the_same_config(tmp_path):
@@ -36,21 +35,20 @@ def test_file_path_and_inline_json_give_the_same_config(tmp_path):
 
 
 def test_shipped_config_resolves_to_the_plugin(monkeypatch):
-    spec = load_speculative_config(str(REPO / "configs" / "mtp.json"))
     monkeypatch.chdir(REPO)  # its paths are relative to the repository root, where `vllm serve` runs
-    rest, plugin = resolve(spec, str(TARGET), ALLOWED)
-    assert SECTION not in rest and isinstance(plugin, PluginConfig)
+    config = EngineArgs(**ENGINE, speculative_config=str(REPO / "configs" / "mtp.json")).create_engine_config()
+    assert PluginConfig.from_additional_config(config.additional_config) is not None
+    assert config.speculative_config.use_gemma4_mtp()
 
 
-def test_other_methods_and_targets_pass_through_untouched():
-    assert resolve({"method": "ngram", "num_speculative_tokens": 3}, str(TARGET), ALLOWED | {"prompt_lookup_max"}) == (
-        {"method": "ngram", "num_speculative_tokens": 3}, None)
-
-
-def write_target_copy(tmp_path: Path, **overrides) -> Path:
+def write_target_copy(tmp_path: Path) -> Path:
+    """Another family's checkpoint config (Llama), for a spec that asks for the plugin with it."""
     copy = tmp_path / "not-gemma"
     copy.mkdir()
-    (copy / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 192, **overrides}))
+    (copy / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 192, "intermediate_size": 384,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 4096,
+        "max_position_embeddings": 2048}))
     return copy
 
 
@@ -63,16 +61,18 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[str, str, str]]:
     (wrong_backbone / "config.json").write_text(json.dumps(cfg))
     target = str(TARGET)
     return {
-        "unknown key": (target, json.dumps({**GOOD, "num_drafts": 3}), "unknown key 'num_drafts'"),
+        "unknown key": (target, json.dumps({**GOOD, "num_drafts": 3, SECTION: {}}), "unknown key 'num_drafts'"),
         "unknown plugin key": (target, json.dumps({**GOOD, SECTION: {"turbo": True}}),
                                f"{SECTION}.turbo: unknown key"),
-        "wrong type": (target, json.dumps({**GOOD, "num_speculative_tokens": "3"}),
+        "wrong type": (target, json.dumps({**GOOD, "num_speculative_tokens": "3", SECTION: {}}),
                        "'num_speculative_tokens' must be int, got str '3'"),
-        "K below 1": (target, json.dumps({**GOOD, "num_speculative_tokens": 0}),
+        "K below 1": (target, json.dumps({**GOOD, "num_speculative_tokens": 0, SECTION: {}}),
                       "'num_speculative_tokens' must be an integer >= 1, got 0"),
-        "missing draft": (target, json.dumps({**GOOD, "model": str(tmp_path / "nope")}), "directory not found"),
-        "draft not an assistant": (target, json.dumps({**GOOD, "model": target}),
-                                   "model_type 'gemma4_text' is not a Gemma 4 assistant"),
+        "missing draft": (target, json.dumps({**GOOD, "model": str(tmp_path / "nope"), SECTION: {}}),
+                          f"speculative config 'model': {tmp_path / 'nope'}: Value error, Invalid repository ID or "
+                          f"local directory specified"),
+        "draft not an assistant": (target, json.dumps({**GOOD, "model": target, SECTION: {}}),
+                                   f"speculative config 'model': {target}: not a Gemma 4 assistant"),
         "backbone mismatch": (target, json.dumps({**GOOD, "model": str(wrong_backbone)}),
                               "backbone_hidden_size 256 does not match the target's hidden_size 192"),
         "target not Gemma 4": (str(write_target_copy(tmp_path)), json.dumps({**GOOD, SECTION: {}}),
@@ -96,11 +96,12 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[str, str, str]]:
     "relaxed delta out of range", "relaxed flag not boolean", "fused not boolean",
 ])
 def test_resolve_rejects(case, tmp_path):
+    """Through vLLM's own config building (``create_engine_config``, no weights loaded)."""
     target, text, fragment = bad_cases(tmp_path)[case]
     path = tmp_path / "mtp.json"
     path.write_text(text)
     with pytest.raises(MTPConfigError) as err:
-        resolve(load_speculative_config(str(path)), target, ALLOWED)
+        EngineArgs(**{**ENGINE, "model": target}, speculative_config=str(path)).create_engine_config()
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
@@ -167,13 +168,13 @@ def test_vllm_serve_exits_with_one_line(case, tmp_path):
                              f"{SECTION}.adaptive_k: not available on Model Runner V2"),
         "fused on V2": (str(TARGET), json.dumps({**GOOD, SECTION: {"fused": True}}),
                         f"{SECTION}.fused: the plugin's fused step runs on Model Runner V1 only"),
-        # vLLM's own flags go through the same resolution: here the draft is the target, not an assistant.
-        "--spec-* flags": (str(TARGET), None, "is not a Gemma 4 assistant")}
+        # vLLM's own flags go through the same resolution: here an assistant whose backbone is not the target's.
+        "--spec-* flags": (str(TARGET), None, "backbone_hidden_size 256 does not match")}
     target, text, fragment = cases[case]
     path = tmp_path / "mtp.json"
     path.write_text(text or "")
-    spec = ["--speculative-config", str(path)] if text else ["--spec-method", "mtp", "--spec-model", target,
-                                                             "--spec-tokens", "3"]
+    spec = ["--speculative-config", str(path)] if text else ["--spec-method", "mtp", "--spec-model",
+                                                             str(tmp_path / "assistant-256"), "--spec-tokens", "3"]
     vllm = Path(sys.executable).parent / "vllm"
     extra = {"draft TP mismatch": ["--tensor-parallel-size", "2"], "async scheduling on V1": ["--async-scheduling"]}
     env = {**os.environ, **V2_ENV} if case.endswith("on V2") else None

@@ -204,28 +204,6 @@ def _parse_speculative_config(value: str) -> dict[str, Any]:
     return loaded
 
 
-def _is_local_path(name: str) -> bool:
-    """A path meant for this machine, as opposed to a Hugging Face hub id such as ``org/model``."""
-    path = Path(name).expanduser()
-    return path.is_absolute() or name.startswith(".") or path.exists() or Path(path.parts[0]).is_dir()
-
-
-def _model_config(name: str, role: str) -> dict[str, Any]:
-    """``config.json`` of a local checkpoint, or the hub's (cached) one for a hub id."""
-    if _is_local_path(name):
-        directory = Path(name).expanduser()
-        if not directory.is_dir():
-            raise MTPConfigError(f"{role}: {name}: directory not found")
-        return read_json_object(directory / "config.json")
-    from transformers import PretrainedConfig
-
-    return PretrainedConfig.get_config_dict(name)[0]
-
-
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("text_config") or config
-
-
 def _check_types(spec: dict[str, Any], allowed_keys: set[str]) -> None:
     for key in spec:
         if key not in allowed_keys and key != SECTION:
@@ -243,53 +221,70 @@ def _check_types(spec: dict[str, Any], allowed_keys: set[str]) -> None:
             )
 
 
-def resolve(spec: dict[str, Any], target_model: str, allowed_keys: set[str]) -> tuple[
-    dict[str, Any], PluginConfig | None
-]:
-    """Split ``spec`` into vLLM's keys and the plugin's config; ``None`` when the plugin does not apply.
+def take_section(spec: dict[str, Any], allowed_keys: set[str]) -> tuple[dict[str, Any], PluginConfig | None]:
+    """vLLM's keys of ``spec`` and the plugin's config from its section; None without a section.
 
-    The plugin applies to ``method: mtp`` with a Gemma 4 target and a Gemma 4 assistant draft. A spec
-    that carries the plugin's section must be such a pair.
+    A spec that carries the section declares itself the plugin's, so its keys, types, method and K are checked
+    here, with one-line errors, before vLLM reads it. A spec without one goes to vLLM exactly as given: whether
+    it is the plugin's is decided later, from vLLM's own resolved configs (``check_pair``).
     """
-    _check_types(spec, allowed_keys)
-    has_section = SECTION in spec
     rest = {k: v for k, v in spec.items() if k != SECTION}
+    if SECTION not in spec:
+        return rest, None
+    _check_types(spec, allowed_keys)
     method = rest.get("method")
     if method not in MTP_METHODS:
-        if has_section:
-            raise MTPConfigError(f"speculative config: 'method' must be 'mtp' to use {SECTION!r}, got {method!r}")
-        return rest, None
-    target_type = _text_config(_model_config(target_model, "model"))
-    is_gemma4 = target_type.get("model_type") in GEMMA4_TARGET_TYPES
-    if not is_gemma4 and not has_section:
-        return rest, None  # another family's MTP (e.g. DeepSeek): not ours
-    if not is_gemma4:
-        raise MTPConfigError(
-            f"model: {target_model}: target is {target_type.get('model_type')!r}, not Gemma 4 "
-            f"(allowed: {', '.join(GEMMA4_TARGET_TYPES)})"
-        )
+        raise MTPConfigError(f"speculative config: 'method' must be 'mtp' to use {SECTION!r}, got {method!r}")
     k = rest.get("num_speculative_tokens")
     if k is None or k < 1:
         raise MTPConfigError(f"speculative config: 'num_speculative_tokens' must be an integer >= 1, got {k!r}")
-    draft_name = rest.get("model")
-    if not draft_name:
+    if not rest.get("model"):
         raise MTPConfigError("speculative config: 'model' must name the Gemma 4 assistant checkpoint")
-    draft = _model_config(draft_name, "speculative config 'model'")
-    if _is_local_path(draft_name):  # every rank, on any node and in any working directory, gets the same path
-        rest["model"] = str(Path(draft_name).expanduser().absolute())
-    if draft.get("model_type") not in GEMMA4_ASSISTANT_TYPES:
+    return rest, PluginConfig.from_dict(spec[SECTION])
+
+
+def check_target(target: str, target_type: str | None) -> None:
+    """A spec with the plugin's section needs a Gemma 4 target (``target_type``: vLLM's resolved text config)."""
+    if target_type not in GEMMA4_TARGET_TYPES:
         raise MTPConfigError(
-            f"speculative config 'model': {draft_name}: model_type {draft.get('model_type')!r} is not a Gemma 4 "
-            f"assistant (allowed: {', '.join(GEMMA4_ASSISTANT_TYPES)})"
-        )
-    hidden = target_type.get("hidden_size")
-    backbone = draft.get("backbone_hidden_size")
-    if backbone != hidden:
+            f"model: {target}: target is {target_type!r}, not Gemma 4 (allowed: {', '.join(GEMMA4_TARGET_TYPES)})")
+
+
+def check_pair(*, target: str, target_type: str | None, target_hidden: int | None, method: str, draft: str | None,
+               draft_type: str | None, draft_is_assistant: bool, backbone_hidden: int | None,
+               has_section: bool) -> bool:
+    """Whether vLLM's resolved speculative config is the plugin's: MTP with a Gemma 4 target and a Gemma 4
+    assistant draft (vLLM's ``SpeculativeConfig.use_gemma4_mtp``). Any other pair is vLLM's alone, unless its
+    spec carries the plugin's section, which makes it one error naming the key."""
+    ours = method == "mtp" and target_type in GEMMA4_TARGET_TYPES and draft_is_assistant
+    if not has_section and not ours:
+        return False
+    check_target(target, target_type)
+    if not draft_is_assistant:
         raise MTPConfigError(
-            f"speculative config 'model': {draft_name}: backbone_hidden_size {backbone} does not match the "
-            f"target's hidden_size {hidden}"
-        )
-    return rest, PluginConfig.from_dict(spec.get(SECTION, {}))
+            f"speculative config 'model': {draft}: model_type {draft_type!r} is not a Gemma 4 assistant "
+            f"(allowed: {', '.join(GEMMA4_ASSISTANT_TYPES)})")
+    if backbone_hidden != target_hidden:
+        raise MTPConfigError(
+            f"speculative config 'model': {draft}: backbone_hidden_size {backbone_hidden} does not match the "
+            f"target's hidden_size {target_hidden}")
+    return True
+
+
+def vllm_refusal(error: Exception, spec: dict[str, Any]) -> MTPConfigError:
+    """vLLM's own refusal of a spec that carries the plugin's section, as one line naming the key where vLLM
+    names one (pydantic's field) and the draft otherwise, where vLLM could not load or run it."""
+    details = error.errors() if callable(getattr(error, "errors", None)) else None
+    message = str(details[0].get("msg", error)) if details else str(error)
+    message = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    where = ".".join(str(p) for p in details[0].get("loc", ())) if details else ""
+    if where:
+        return MTPConfigError(f"speculative config {where!r}: {message}")
+    draft = spec.get("model")
+    if isinstance(error, NotImplementedError):  # vLLM found no MTP draft model in the checkpoint
+        return MTPConfigError(f"speculative config 'model': {draft}: not a Gemma 4 assistant ({message}; allowed: "
+                              f"a checkpoint with model_type {' or '.join(GEMMA4_ASSISTANT_TYPES)})")
+    return MTPConfigError(f"speculative config 'model': {draft}: {message}")
 
 
 def thinking_marker_ids(tokenizer: Any) -> tuple[int | None, int | None]:

@@ -8,7 +8,7 @@ survive that, since the plugin records them earlier, while the engine's config i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -47,10 +47,13 @@ def record_drafters(reports: list[dict[str, str] | None]) -> None:
 
 
 PHASES = ("thinking", "answer")
+PHASE_LABELS = ("model_name", "engine", "phase")  # vLLM's own per-engine labels (``PrometheusStatLogger``), and phase
 
 
 class _PhaseAcceptance(Collector):
-    """Speculative steps and accepted drafts, split by whether the request was thinking when the step began.
+    """Speculative steps and accepted drafts, split by whether the request was thinking when the step began, per
+    served model and engine index like vLLM's ``vllm:spec_decode_*``; reported once an engine of the plugin's is
+    configured in this process (``enabled``), so other engines' ``/metrics`` stay vLLM's.
 
     Counted in the front end from each engine step's output, one per request and step: a step that commits n
     tokens accepted n - 1 drafts. A request's first output comes from its prefill and is not a speculative step.
@@ -59,12 +62,51 @@ class _PhaseAcceptance(Collector):
 
     def __init__(self) -> None:
         self.enabled = False
-        self.steps = dict.fromkeys(PHASES, 0)
-        self.accepted = dict.fromkeys(PHASES, 0)
+        self.steps: dict[tuple[str, str, str], int] = {}  # (model_name, engine, phase) -> count
+        self.accepted: dict[tuple[str, str, str], int] = {}
+
+    def add(self, labels: tuple[str, str, str], accepted: int) -> None:
+        self.steps[labels] = self.steps.get(labels, 0) + 1
+        self.accepted[labels] = self.accepted.get(labels, 0) + accepted
+
+    def seed(self, model_name: str, engine: str) -> None:
+        """Zeros for an engine's phases, so the series exist from the start, as vLLM's own counters do."""
+        for phase in PHASES:
+            self.steps.setdefault((model_name, engine, phase), 0)
+            self.accepted.setdefault((model_name, engine, phase), 0)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        if not self.enabled:
+            return
+        steps = CounterMetricFamily("vllm:mtp_gemma4_spec_steps", "Speculative steps per request, by phase.",
+                                    labels=list(PHASE_LABELS))
+        accepted = CounterMetricFamily("vllm:mtp_gemma4_accepted_tokens", "Accepted draft tokens, by phase.",
+                                       labels=list(PHASE_LABELS))
+        for labels in sorted(self.steps):
+            steps.add_metric(list(labels), self.steps[labels])
+            accepted.add_metric(list(labels), self.accepted[labels])
+        yield steps
+        yield accepted
+
+
+PHASE_ACCEPTANCE = _PhaseAcceptance()
+REGISTRY.register(PHASE_ACCEPTANCE)
+
+
+class PhaseTracker:
+    """One front end's (``OutputProcessor``'s) live requests: whether each is thinking after its committed tokens.
+
+    A request leaves on its finishing output, or when the front end drops it without one (an abort: a client that
+    disconnects, a cut stream), by ``release``."""
+
+    def __init__(self, model_name: str, engines: list[int]) -> None:
+        self.model_name = model_name
         self.thinking: dict[str, bool] = {}  # request id -> state after its committed tokens
+        for engine in engines:
+            PHASE_ACCEPTANCE.seed(model_name, str(engine))
 
     def observe(self, request_id: str, prompt_ids: list[int] | None, new_ids: list[int], finished: bool,
-                markers: tuple[int, int]) -> None:
+                markers: tuple[int, int], engine: int) -> None:
         from vllm_mtp_gemma4.ops import thinking_after
 
         if request_id not in self.thinking:
@@ -73,23 +115,12 @@ class _PhaseAcceptance(Collector):
                                                            new_ids, *markers)
         elif new_ids:
             phase = "thinking" if self.thinking[request_id] else "answer"
-            self.steps[phase] += 1
-            self.accepted[phase] += len(new_ids) - 1
+            PHASE_ACCEPTANCE.add((self.model_name, str(engine), phase), len(new_ids) - 1)
             self.thinking[request_id] = thinking_after(self.thinking[request_id], new_ids, *markers)
         if finished:
             self.thinking.pop(request_id, None)
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        steps = CounterMetricFamily("vllm:mtp_gemma4_spec_steps", "Speculative steps per request, by phase.",
-                                    labels=["phase"])
-        accepted = CounterMetricFamily("vllm:mtp_gemma4_accepted_tokens", "Accepted draft tokens, by phase.",
-                                       labels=["phase"])
-        for phase in PHASES:
-            steps.add_metric([phase], self.steps[phase])
-            accepted.add_metric([phase], self.accepted[phase])
-        yield steps
-        yield accepted
-
-
-PHASE_ACCEPTANCE = _PhaseAcceptance()
-REGISTRY.register(PHASE_ACCEPTANCE)
+    def release(self, live: Container[str]) -> None:
+        """Forget the requests that the front end no longer holds (``live``: its request ids)."""
+        for request_id in [r for r in self.thinking if r not in live]:
+            del self.thinking[request_id]

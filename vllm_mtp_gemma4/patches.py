@@ -1,7 +1,8 @@
-"""Every change the plugin makes to vLLM internals, in one place. Checked against vLLM 0.32.0.
+"""Every change the plugin makes to vLLM internals, in one place. Checked against vLLM 0.32.0 and 0.33.0.
 
 Each patch is applied once per process by ``apply()`` (called from ``plugin.register``) and says
-why it exists. Bumping vLLM means re-reading each of these against the new sources.
+why it exists and which vLLM versions it was read against. Bumping vLLM means re-reading each of these
+against the new sources; ``tools/check_vllm_api.py`` finds the names and signatures that changed.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from vllm_mtp_gemma4.config import (
     check_draft_cap,
     check_draft_parallelism,
     check_logit_bias,
+    check_pair,
     check_request_options,
+    check_target,
     load_speculative_config,
-    resolve,
+    take_section,
     thinking_marker_ids,
+    vllm_refusal,
 )
 from vllm_mtp_gemma4.log import get_logger
-from vllm_mtp_gemma4.metrics import PHASE_ACCEPTANCE, record_drafters
+from vllm_mtp_gemma4.metrics import PHASE_ACCEPTANCE, PhaseTracker, record_drafters
 
 _applied = False
 
@@ -39,6 +43,8 @@ def _accept_config_file_in_cli() -> None:
     argparse. We keep the raw string; ``_resolve_speculative_config`` loads it, with errors that name
     the file, line and column. General plugins load before ``EngineArgs.add_cli_args`` runs
     (``AsyncEngineArgs.add_cli_args`` calls ``load_general_plugins`` first).
+
+    Checked against vLLM 0.32.0 and 0.33.0 (both parse ``--speculative-config`` with ``optional_type(json.loads)``).
     """
     from vllm.engine.arg_utils import EngineArgs
 
@@ -55,49 +61,114 @@ def _accept_config_file_in_cli() -> None:
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
 
 
+@dataclasses.dataclass
+class _Resolution:
+    """One ``create_engine_config`` call's plugin section (held aside from vLLM) and, once vLLM has resolved the
+    speculative config, the plugin's config if the engine is the plugin's."""
+
+    section: PluginConfig | None
+    plugin_config: PluginConfig | None = None
+
+
+_RESOLUTION: contextvars.ContextVar[_Resolution | None] = contextvars.ContextVar("mtp_gemma4_resolution",
+                                                                                default=None)
+
+
 def _resolve_speculative_config() -> None:
-    """Load, validate and split the speculative config before vLLM builds its configs, then fit it to the runner.
+    """Load the speculative config, hold the plugin's section aside while vLLM builds its configs, then decide from
+    vLLM's own resolved configs whether the engine is the plugin's, and fit it to the runner.
 
     ``EngineArgs.create_engine_config`` is the one point that ``LLM(...)``, ``vllm serve`` and ``AsyncLLM`` all pass
-    through before any weights load. vLLM's ``SpeculativeConfig`` forbids unknown keys, so the plugin's section
-    moves to ``additional_config`` (which reaches every worker). vLLM's ``--spec-method/--spec-model/--spec-tokens``
-    are folded in first (``EngineArgs.create_speculative_config`` would fold them only after this point), so every
-    way of asking for MTP resolves the same. Which model runner runs (``VllmConfig.use_v2_model_runner``) is known
-    only once the config exists, so the runner-specific checks and settings come after vLLM's own.
+    through before any weights load. vLLM's ``SpeculativeConfig`` forbids unknown keys, so the section is taken out
+    first; a spec that carries it is checked at once (one-line errors). ``EngineArgs.create_speculative_config``
+    receives the target's ``ModelConfig`` as vLLM resolved it (revision, ``trust_remote_code``, ``hf_overrides``,
+    GGUF, remote URIs, ``--spec-*`` flags folded in) and builds the draft's: the plugin reads both there and never
+    reads a checkpoint's files itself. An engine that is not a Gemma 4 target with a Gemma 4 assistant gets exactly
+    vLLM's configs and errors. The plugin's own engines get their section in ``additional_config`` (which reaches
+    every worker); the ``EngineArgs`` are left as given, so a second call resolves the same. Which model runner
+    runs (``VllmConfig.use_v2_model_runner``) is known only once the config exists, so the runner-specific checks
+    and settings come last.
+
+    Checked against vLLM 0.32.0 and 0.33.0 (``create_engine_config`` calls ``create_speculative_config`` once, with
+    the target's ``ModelConfig`` and ``ParallelConfig``, before ``VllmConfig`` reads ``additional_config``).
     """
     from vllm.config import SpeculativeConfig
     from vllm.engine.arg_utils import EngineArgs
 
     original = EngineArgs.create_engine_config
+    original_speculative = EngineArgs.create_speculative_config
     allowed = {f.name for f in dataclasses.fields(SpeculativeConfig)}
 
     def create_engine_config(self, *args: Any, **kwargs: Any):
-        plugin_config = None
-        flags = {"method": self.spec_method, "model": self.spec_model, "num_speculative_tokens": self.spec_tokens}
-        if any(v is not None for v in flags.values()):
-            spec = load_speculative_config(self.speculative_config or {})
-            for key, value in flags.items():
-                if value is not None and key in spec:
-                    raise MTPConfigError(f"--spec-{key.split('_')[-1]} and --speculative-config['{key}'] are "
-                                         f"mutually exclusive")
-            self.speculative_config = {**spec, **{k: v for k, v in flags.items() if v is not None}}
-            self.spec_method = self.spec_model = self.spec_tokens = None
+        given = self.speculative_config, self.additional_config
+        section = None
         if self.speculative_config is not None:
-            spec = load_speculative_config(self.speculative_config)
-            self.speculative_config, plugin_config = resolve(spec, self.model, allowed)
-            if plugin_config is not None:
-                check_draft_parallelism(self.speculative_config, self.tensor_parallel_size)
-                if (self.tensor_parallel_size > 1 and not self.speculative_config.get("enable_adaptive_verification")
-                        and self.speculative_config.get("draft_sample_method") != "probabilistic"):
-                    # Greedy drafts from the vocab-parallel head by a local argmax (the assistant's get_top_tokens).
-                    self.speculative_config.setdefault("use_local_argmax_reduction", True)
-                self.additional_config = {**(self.additional_config or {}), SECTION: plugin_config.to_dict()}
-        config = original(self, *args, **kwargs)
-        if plugin_config is not None:
-            _fit_to_runner(config, plugin_config, explicit_async=self.async_scheduling)
+            self.speculative_config, section = take_section(load_speculative_config(self.speculative_config),
+                                                            allowed)
+        resolution = _Resolution(section)
+        token = _RESOLUTION.set(resolution)
+        try:
+            config = original(self, *args, **kwargs)
+        finally:
+            _RESOLUTION.reset(token)
+            if resolution.plugin_config is not None or section is not None:
+                self.speculative_config, self.additional_config = given
+        if resolution.plugin_config is not None:
+            _fit_to_runner(config, resolution.plugin_config, explicit_async=self.async_scheduling)
         return config
 
+    def create_speculative_config(self, target_model_config, target_parallel_config):
+        resolution = _RESOLUTION.get()
+        if resolution is None:  # called outside create_engine_config
+            return original_speculative(self, target_model_config, target_parallel_config)
+        section = resolution.section
+        target_text = target_model_config.hf_text_config
+        if section is not None:
+            check_target(target_model_config.model, getattr(target_text, "model_type", None))
+        try:
+            spec_config = original_speculative(self, target_model_config, target_parallel_config)
+        except MTPConfigError:
+            raise
+        except Exception as e:
+            if section is None:
+                raise
+            raise vllm_refusal(e, self.speculative_config) from e
+        if spec_config is None:
+            return None
+        draft = spec_config.draft_model_config
+        draft_hf = getattr(draft, "hf_config", None)
+        if not check_pair(target=target_model_config.model, target_type=getattr(target_text, "model_type", None),
+                          target_hidden=getattr(target_text, "hidden_size", None), method=spec_config.method,
+                          draft=spec_config.model, draft_type=getattr(draft_hf, "model_type", None),
+                          draft_is_assistant=spec_config.use_gemma4_mtp(),
+                          backbone_hidden=getattr(draft_hf, "backbone_hidden_size", None),
+                          has_section=section is not None):
+            return spec_config
+        if target_model_config.skip_tokenizer_init:
+            # The runners read the thinking markers and EOS ids from the tokenizer (worker/v1/runner.py, v2/relaxed.py).
+            raise MTPConfigError("skip_tokenizer_init: the plugin reads Gemma 4's thinking markers from the "
+                                 "tokenizer; leave it off (--skip-tokenizer-init), or serve without the MTP config")
+        spec = self.speculative_config  # vLLM's dict, --spec-* flags folded in
+        tensor_parallel_size = target_parallel_config.tensor_parallel_size
+        check_draft_parallelism(spec, tensor_parallel_size)
+        changes = {}
+        if os.path.isdir(spec_config.model) and not os.path.isabs(spec_config.model):
+            # A local draft as vLLM found it; absolute, so every rank on any node and in any directory loads it.
+            changes["model"] = os.path.abspath(spec_config.model)
+        if (tensor_parallel_size > 1 and "use_local_argmax_reduction" not in spec and not spec.get(
+                "enable_adaptive_verification") and spec.get("draft_sample_method") != "probabilistic"):
+            # Greedy drafts from the vocab-parallel head by a local argmax (the assistant's get_top_tokens).
+            changes["use_local_argmax_reduction"] = True
+        if changes:
+            spec.update(changes)
+            spec_config = SpeculativeConfig(**spec)  # as vLLM's create_speculative_config builds it
+        plugin_config = section or PluginConfig()
+        self.additional_config = {**(self.additional_config or {}), SECTION: plugin_config.to_dict()}
+        resolution.plugin_config = plugin_config
+        return spec_config
+
     EngineArgs.create_engine_config = create_engine_config
+    EngineArgs.create_speculative_config = create_speculative_config
 
 
 def _fit_to_runner(config: Any, plugin_config: PluginConfig, explicit_async: bool | None) -> None:
@@ -149,6 +220,8 @@ def _use_plugin_proposer() -> None:
     ``GPUModelRunner.__init__`` (which ``CPUModelRunner`` inherits) builds ``Gemma4Proposer`` by its
     module-level name when ``speculative_config.use_gemma4_mtp()``. Ours subclasses it, so the
     runner's ``isinstance`` checks (block tables per KV group, hidden states) still hold.
+
+    Checked against vLLM 0.32.0 and 0.33.0 (``v1/spec_decode/gemma4.py`` is the same file in both).
     """
     from vllm.v1.worker import gpu_model_runner
 
@@ -163,6 +236,8 @@ def _use_fused_runner() -> None:
     ``CPUWorker.init_device`` builds ``CPUModelRunner`` by its module-level name in ``cpu_worker``, which becomes a
     factory; ``Worker._make_model_runner`` builds the V1 ``GPUModelRunner`` by a local import, so it is wrapped.
     An engine without the plugin's config gets vLLM's own runner class, untouched.
+
+    Checked against vLLM 0.32.0 and 0.33.0.
     """
     from vllm.v1.worker import cpu_worker, gpu_worker
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
@@ -201,8 +276,11 @@ def _ray_on_cpu() -> None:
       (``worker/ray_cpu.py`` says why). It then fails at once, naming the resource, when the cluster has fewer
       units free than ranks; vLLM would wait ``PG_WAIT_TIMEOUT`` (30 min) for a placement group that cannot
       form.
-    This is vLLM 0.32's default Ray executor (``RayExecutorV2``); the legacy one
-    (``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0``) is not covered.
+    ``RayExecutorV2`` is vLLM's Ray executor (0.33 removed the legacy one; 0.32's, behind
+    ``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0``, is not covered).
+
+    Checked against vLLM 0.32.0 and 0.33.0 (0.33's ``initialize_ray_cluster`` has no ``require_gpu_on_driver``;
+    the wrapper passes whatever keywords it gets).
     """
     from vllm.platforms import current_platform
 
@@ -247,6 +325,8 @@ def _shm_groups_per_node() -> None:
     every node, so a group spanning nodes would wait on segments that exist only on the other node. With the Ray
     node in the name, such a group falls back to torch.distributed (gloo, over the network), as vLLM does for names
     that differ; a group within one node keeps shared memory.
+
+    Checked against vLLM 0.32.0 and 0.33.0.
     """
     import ray
     from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
@@ -273,6 +353,8 @@ def _validate_requests() -> None:
     ``InputProcessor._validate_params`` runs in the front end for ``LLM`` and the OpenAI server alike; its
     ``VLLMValidationError`` becomes an HTTP 400 naming the parameter. The fused step applies ``min_p`` and
     ``logit_bias`` at every drafted position, so vLLM's refusal of them under speculation is lifted there.
+
+    Checked against vLLM 0.32.0 and 0.33.0.
     """
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
@@ -314,38 +396,80 @@ def _validate_requests() -> None:
     InputProcessor._validate_params = _validate_params
 
 
+_ENGINE_INDEX: contextvars.ContextVar[int] = contextvars.ContextVar("mtp_gemma4_engine_index", default=0)
+
+
 def _count_acceptance_by_phase() -> None:
     """Feed ``PHASE_ACCEPTANCE`` from the front end's per-step outputs (``OutputProcessor.process_outputs``).
 
     The front end is where ``/metrics`` and ``LLM.get_metrics()`` read from, and it sees each request's tokens
-    step by step, which is all the thinking/answer split needs.
+    step by step, which is all the thinking/answer split needs. Each plugin engine's ``OutputProcessor`` holds a
+    ``PhaseTracker`` (``_watch_plugin_engines``); an abort (``OutputProcessor.abort_requests``: a cut stream, a
+    client gone) drops the requests it no longer holds. The engine label is the index of the engine whose
+    outputs are being processed: the engine-core clients' ``get_output``/``get_output_async`` return them (with
+    ``EngineCoreOutputs.engine_index``) just before, in the same thread or task, as vLLM's stat loggers read it.
+
+    Checked against vLLM 0.32.0 and 0.33.0.
     """
+    from vllm.v1.engine.core_client import AsyncMPClient, InprocClient, SyncMPClient
     from vllm.v1.engine.output_processor import OutputProcessor
 
-    original = OutputProcessor.process_outputs
+    def labelled(get_output: Any) -> Any:
+        def get_output_labelled(self, *args: Any, **kwargs: Any):
+            outputs = get_output(self, *args, **kwargs)
+            _ENGINE_INDEX.set(outputs.engine_index)
+            return outputs
 
-    def process_outputs(self, engine_core_outputs, *args: Any, **kwargs: Any):
-        if PHASE_ACCEPTANCE.enabled and self.tokenizer is not None:
+        return get_output_labelled
+
+    InprocClient.get_output = labelled(InprocClient.get_output)
+    SyncMPClient.get_output = labelled(SyncMPClient.get_output)
+    get_output_async = AsyncMPClient.get_output_async
+
+    async def get_output_async_labelled(self, *args: Any, **kwargs: Any):
+        outputs = await get_output_async(self, *args, **kwargs)
+        _ENGINE_INDEX.set(outputs.engine_index)  # in the awaiting task's context: its process_outputs comes next
+        return outputs
+
+    AsyncMPClient.get_output_async = get_output_async_labelled
+    process_outputs, abort_requests = OutputProcessor.process_outputs, OutputProcessor.abort_requests
+
+    def process_outputs_by_phase(self, engine_core_outputs, *args: Any, **kwargs: Any):
+        tracker = getattr(self, "_mtp_gemma4_phases", None)
+        if tracker is not None and self.tokenizer is not None:
             if not hasattr(self, "_mtp_thinking_markers"):
                 self._mtp_thinking_markers = thinking_marker_ids(self.tokenizer)
             markers = self._mtp_thinking_markers
             if None not in markers:
+                engine = _ENGINE_INDEX.get()
                 for output in engine_core_outputs:
                     state = self.request_states.get(output.request_id)
-                    PHASE_ACCEPTANCE.observe(output.request_id, state.prompt_token_ids if state else None,
-                                             output.new_token_ids, output.finished, markers)
-        return original(self, engine_core_outputs, *args, **kwargs)
+                    tracker.observe(output.request_id, state.prompt_token_ids if state else None,
+                                    output.new_token_ids, output.finished, markers, engine)
+        return process_outputs(self, engine_core_outputs, *args, **kwargs)
 
-    OutputProcessor.process_outputs = process_outputs
+    def abort_requests_releasing(self, *args: Any, **kwargs: Any):
+        aborted = abort_requests(self, *args, **kwargs)
+        tracker = getattr(self, "_mtp_gemma4_phases", None)
+        if tracker is not None:
+            tracker.release(self.request_states)
+        return aborted
+
+    OutputProcessor.process_outputs = process_outputs_by_phase
+    OutputProcessor.abort_requests = abort_requests_releasing
 
 
-def _report_drafters() -> None:
-    """Once an engine of the plugin's has started, ask its workers what drafts (``worker/info.py``), for
-    ``vllm:mtp_gemma4_proposer_info``.
+def _watch_plugin_engines() -> None:
+    """The front end of each engine of the plugin's: a ``PhaseTracker`` on its ``OutputProcessor``, and once it has
+    started, its workers asked what drafts (``worker/info.py``), for ``vllm:mtp_gemma4_proposer_info``.
 
     ``WorkerBase`` gets ``mtp_gemma4_drafter_info``: a method name that ``collective_rpc`` calls without pickling a
-    function. ``LLMEngine`` (``LLM``) asks at the end of its ``__init__``; ``AsyncLLM`` (``vllm serve``) from a task
-    on the event loop it is built in.
+    function. ``LLMEngine`` (``LLM``) asks at the end of its ``__init__``. ``AsyncLLM`` (``vllm serve``) asks from a
+    task on the event loop that serves it: vLLM starts its output handler (``AsyncLLM._run_output_handler``) in
+    ``__init__`` when a loop runs there, else with the first request (an ``AsyncLLM`` built from sync code, as in a
+    Ray Serve replica's constructor), and the question goes with it.
+
+    Checked against vLLM 0.32.0 and 0.33.0.
     """
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.llm_engine import LLMEngine
@@ -354,16 +478,31 @@ def _report_drafters() -> None:
     from vllm_mtp_gemma4.worker.info import drafter_info
 
     WorkerBase.mtp_gemma4_drafter_info = drafter_info
-    sync_init, async_init = LLMEngine.__init__, AsyncLLM.__init__
+    sync_init, async_init, run_output_handler = LLMEngine.__init__, AsyncLLM.__init__, AsyncLLM._run_output_handler
+
+    def track_phases(engine: Any, vllm_config: Any) -> None:
+        engines = getattr(engine.engine_core, "engine_ranks_managed", None) or [0]
+        engine.output_processor._mtp_gemma4_phases = PhaseTracker(vllm_config.model_config.served_model_name,
+                                                                  list(engines))
 
     def llm_engine_init(self, vllm_config, *args: Any, **kwargs: Any) -> None:
         sync_init(self, vllm_config, *args, **kwargs)
         if SECTION in (vllm_config.additional_config or {}):
+            track_phases(self, vllm_config)
             record_drafters(self.collective_rpc("mtp_gemma4_drafter_info"))
 
     def async_llm_init(self, vllm_config, *args: Any, **kwargs: Any) -> None:
+        ours = SECTION in (vllm_config.additional_config or {})
+        self._mtp_gemma4_report_due = ours
         async_init(self, vllm_config, *args, **kwargs)
-        if SECTION in (vllm_config.additional_config or {}):
+        if ours:
+            track_phases(self, vllm_config)
+
+    def _run_output_handler(self) -> None:
+        run_output_handler(self)
+        if getattr(self, "_mtp_gemma4_report_due", False):  # on the loop that serves the engine
+            self._mtp_gemma4_report_due = False
+
             async def report() -> None:
                 record_drafters(await self.collective_rpc("mtp_gemma4_drafter_info"))
 
@@ -371,12 +510,13 @@ def _report_drafters() -> None:
 
     LLMEngine.__init__ = llm_engine_init
     AsyncLLM.__init__ = async_llm_init
+    AsyncLLM._run_output_handler = _run_output_handler
 
 
 def _one_line_config_errors() -> None:
     """An ``MTPConfigError`` that reaches the top of ``vllm serve`` prints one line, not a traceback.
 
-    The error is raised in the API server process before any weights load; exit status stays 1.
+    The error is raised in the API server process before any weights load; exit status stays 1. No vLLM name.
     """
     previous = sys.excepthook
 
@@ -401,5 +541,5 @@ def apply() -> None:
     _ray_on_cpu()
     _validate_requests()
     _count_acceptance_by_phase()
-    _report_drafters()
+    _watch_plugin_engines()
     _one_line_config_errors()
