@@ -178,6 +178,18 @@ def test_skip_tokenizer_init_is_one_error_naming_it():
     assert SECTION not in config.additional_config  # not the plugin's engine: vLLM's as ever
 
 
+def test_vllms_own_refusal_of_a_plugin_spec_is_one_line():
+    """A spec with the plugin's section that vLLM itself refuses: one line, naming the draft where vLLM names it."""
+    spec = {**mtp_config(3), SECTION: {}}
+    with pytest.raises(MTPConfigError, match=re.escape(
+            "speculative config: --spec-tokens and --speculative-config['num_speculative_tokens'] are mutually "
+            "exclusive")):
+        engine_args(speculative_config=spec, spec_tokens=2).create_engine_config()
+    with pytest.raises(MTPConfigError, match=re.escape(
+            f"speculative config 'model': {TARGET}: not a Gemma 4 assistant (Unsupported speculative method: 'mtp'")):
+        engine_args(speculative_config={**spec, "model": str(TARGET)}).create_engine_config()
+
+
 def test_relative_draft_path_becomes_absolute(monkeypatch):
     monkeypatch.chdir(REPO)
     config = engine_args(speculative_config=mtp_config(3, ASSISTANT.relative_to(REPO))).create_engine_config()

@@ -284,7 +284,9 @@ def vllm_refusal(error: Exception, spec: dict[str, Any]) -> MTPConfigError:
     if isinstance(error, NotImplementedError):  # vLLM found no MTP draft model in the checkpoint
         return MTPConfigError(f"speculative config 'model': {draft}: not a Gemma 4 assistant ({message}; allowed: "
                               f"a checkpoint with model_type {' or '.join(GEMMA4_ASSISTANT_TYPES)})")
-    return MTPConfigError(f"speculative config 'model': {draft}: {message}")
+    if draft and str(draft) in message:  # vLLM could not load the draft
+        return MTPConfigError(f"speculative config 'model': {draft}: {message}")
+    return MTPConfigError(f"speculative config: {message}")
 
 
 def thinking_marker_ids(tokenizer: Any) -> tuple[int | None, int | None]:

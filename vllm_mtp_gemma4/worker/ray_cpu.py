@@ -61,7 +61,7 @@ def interface_of(address: str) -> str | None:
 
 def _check_paths_here(vllm_config: Any, address: str, rank: int) -> None:
     """A local checkpoint path missing on this node is one error naming node and path, ahead of the hub lookup
-    that vLLM would try with it (paths arrive absolute: ``config.resolve``)."""
+    that vLLM would try with it (paths arrive absolute: ``patches._resolve_speculative_config``)."""
     spec = vllm_config.speculative_config
     paths = {"model": vllm_config.model_config.model,
              "speculative config 'model'": spec.model if spec is not None else None}
