@@ -107,6 +107,7 @@ class PhaseTracker:
 
     def observe(self, request_id: str, prompt_ids: list[int] | None, new_ids: list[int], finished: bool,
                 markers: tuple[int, int], engine: int) -> None:
+        """One engine step's output for a request the front end holds."""
         from vllm_mtp_gemma4.ops import thinking_after
 
         if request_id not in self.thinking:

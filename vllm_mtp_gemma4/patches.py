@@ -444,8 +444,9 @@ def _count_acceptance_by_phase() -> None:
                 engine = _ENGINE_INDEX.get()
                 for output in engine_core_outputs:
                     state = self.request_states.get(output.request_id)
-                    tracker.observe(output.request_id, state.prompt_token_ids if state else None,
-                                    output.new_token_ids, output.finished, markers, engine)
+                    if state is not None:  # else aborted here already: vLLM drops the output too
+                        tracker.observe(output.request_id, state.prompt_token_ids, output.new_token_ids,
+                                        output.finished, markers, engine)
         return process_outputs(self, engine_core_outputs, *args, **kwargs)
 
     def abort_requests_releasing(self, *args: Any, **kwargs: Any):
