@@ -189,7 +189,8 @@ def test_metrics_show_acceptance(client, server):
     assert metric(server, "vllm:spec_decode_num_accepted_tokens_total") > 0
     assert metric(server, "vllm:mtp_gemma4_proposer_info") == 1
     text = requests.get(f"{server.url}/metrics", timeout=10).text
-    assert re.search(r'^vllm:mtp_gemma4_accepted_tokens_total\{phase="answer"\} [1-9]', text, re.M)
+    # vLLM's model_name and engine labels, then the phase
+    assert re.search(r'^vllm:mtp_gemma4_accepted_tokens_total\{[^}]*phase="answer"\} [1-9]', text, re.M)
 
 
 # ---------------------------------------------------------------- bad requests: 4xx, and the server keeps serving
