@@ -113,7 +113,7 @@ def test_resolve_rejects(case, tmp_path):
 ])
 def test_request_options_rejected(options, fragment):
     with pytest.raises(MTPConfigError, match=re.escape(fragment)):
-        check_request_options(options, relaxed_available=True)
+        check_request_options(options, relaxed_unavailable=None)
 
 
 def test_request_options_override_the_config():
@@ -122,9 +122,10 @@ def test_request_options_override_the_config():
     assert (settings.enabled, settings.topk, settings.delta, opted_in) == (True, 4, 0.2, True)
     assert config.relaxed_for_request(None) == (config.relaxed, False)
     assert config.relaxed_for_request({"relaxed_acceptance": 1})[1] is True  # HTTP has no booleans in vllm_xargs
-    check_request_options({"relaxed_acceptance": True}, relaxed_available=True)
+    check_request_options({"relaxed_acceptance": True}, relaxed_unavailable=None)
     with pytest.raises(MTPConfigError, match="this server runs Model Runner V1 without the fused step"):
-        check_request_options({"relaxed_acceptance": True}, relaxed_available=False)
+        check_request_options({"relaxed_acceptance": True},
+                              relaxed_unavailable="this server runs Model Runner V1 without the fused step")
 
 
 @pytest.mark.parametrize(("section", "runner", "fragment"), [

@@ -46,7 +46,6 @@ DRAFT_CAP_KEY = "num_speculative_tokens"
 """``SamplingParams.extra_args`` key (``vllm_xargs`` over HTTP): the most drafts a request sends per step (0: none)."""
 
 
-
 @dataclass(frozen=True)
 class PluginConfig:
     """The plugin's section of ``mtp.json``. Every key is documented in the README."""
@@ -143,13 +142,13 @@ def request_options(extra_args: dict[str, Any] | None) -> dict[str, Any]:
     return options
 
 
-def check_request_options(extra_args: dict[str, Any] | None, relaxed_available: bool) -> None:
-    """Validate a request's plugin keys in ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP)."""
+def check_request_options(extra_args: dict[str, Any] | None, relaxed_unavailable: str | None) -> None:
+    """Validate a request's plugin keys in ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP);
+    ``relaxed_unavailable``: why this engine cannot run relaxed acceptance (None: it can)."""
     options = request_options(extra_args)
     check_relaxed_options(options, "vllm_xargs")
-    if options.get("relaxed_acceptance") and not relaxed_available:
-        raise MTPConfigError("vllm_xargs.relaxed_acceptance: this server runs Model Runner V1 without the fused step "
-                             "(fused: false)")
+    if options.get("relaxed_acceptance") and relaxed_unavailable:
+        raise MTPConfigError(f"vllm_xargs.relaxed_acceptance: {relaxed_unavailable}")
 
 
 def check_draft_cap(extra_args: dict[str, Any] | None, unavailable: str | None) -> None:

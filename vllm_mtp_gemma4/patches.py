@@ -177,9 +177,9 @@ def _fit_to_runner(config: Any, plugin_config: PluginConfig, explicit_async: boo
     - V1: the fused step reads the device once per step itself, so async scheduling (which would overlap a second,
       speculative copy of the same outputs) is turned off; asked for explicitly, it is an error. Pipeline
       parallelism is refused.
-    - V2: V2's own step and scheduling stay; relaxed acceptance is added as a V2 logits processor.
+    - V2: V2's own step and scheduling stay; the plugin's parts are added by ``worker.v2.fit_to_v2``.
     """
-    from vllm_mtp_gemma4.worker.v2 import RELAXED_PROCESSOR
+    from vllm_mtp_gemma4.worker.v2 import fit_to_v2
 
     runner = "V2" if config.use_v2_model_runner else "V1"
     resolved = plugin_config.for_runner(runner, config.speculative_config.rejection_sample_method)
@@ -195,15 +195,14 @@ def _fit_to_runner(config: Any, plugin_config: PluginConfig, explicit_async: boo
                 "--async-scheduling: the plugin's fused step on Model Runner V1 runs without async scheduling; drop "
                 f"the flag, or set {SECTION}.fused to false")
         config.scheduler_config.async_scheduling = False
-    if runner == "V2":
-        model_config = config.model_config
-        model_config.logits_processors = [*(model_config.logits_processors or []), RELAXED_PROCESSOR]
+    v2_parts = fit_to_v2(config, resolved) if runner == "V2" else {}
     config.additional_config[SECTION] = resolved.to_dict()
     spec = config.speculative_config
     features = {
         "fused step": "on" if resolved.fused else ("off (V2's own step)" if runner == "V2" else "off"),
-        "relaxed acceptance": ("on by default" if resolved.relaxed_acceptance else "per request")
-        + (" (V2 logits processor)" if runner == "V2" else "" if resolved.fused else ": unavailable"),
+        "relaxed acceptance": v2_parts.get("relaxed acceptance", ("on by default" if resolved.relaxed_acceptance
+                                                                   else "per request")
+                                           + ("" if resolved.fused else ": unavailable")),
         "adaptive K": "on" if resolved.adaptive_k else "off",
         "draft argmax": "vocab-parallel local" if spec.use_local_argmax_reduction else "over full logits",
         "async scheduling": "on" if config.scheduler_config.async_scheduling else "off",
@@ -360,6 +359,8 @@ def _validate_requests() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
+    from vllm_mtp_gemma4.worker.v2 import relaxed_unavailable
+
     original = InputProcessor._validate_params
     spec_decode_check = SamplingParams._validate_spec_decode
 
@@ -376,7 +377,9 @@ def _validate_requests() -> None:
         if config is None or not isinstance(params, SamplingParams):
             return original(self, params, supported_tasks)
         try:
-            check_request_options(params.extra_args, bool(config.fused) or self.vllm_config.use_v2_model_runner)
+            v1_unavailable = "this server runs Model Runner V1 without the fused step (fused: false)"
+            check_request_options(params.extra_args, relaxed_unavailable(self.vllm_config) if
+                                  self.vllm_config.use_v2_model_runner else None if config.fused else v1_unavailable)
             check_draft_cap(params.extra_args, None if config.fused else
                             "not available on Model Runner V2" if self.vllm_config.use_v2_model_runner else
                             "this server runs Model Runner V1 without the fused step (fused: false)")

@@ -27,6 +27,12 @@ def forced_logits_readers(config: Any) -> list[str]:
     return readers
 
 
+def relaxed_unavailable(config: Any) -> str | None:
+    """Why a request cannot have relaxed acceptance on this V2 engine (None: it can)."""
+    readers = forced_logits_readers(config)
+    return f"this server runs Model Runner V2 with {' and '.join(readers)}, which would expose it" if readers else None
+
+
 def fit_to_v2(config: Any, plugin_config: PluginConfig) -> dict[str, str]:
     """The plugin's parts on V2, set before any weights load; returns their states for the start-up log.
 

@@ -80,7 +80,7 @@ class RelaxedAcceptanceProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         try:
-            check_request_options(sampling_params.extra_args, relaxed_available=True)
+            check_request_options(sampling_params.extra_args, relaxed_unavailable=None)
         except MTPConfigError as e:
             raise ValueError(str(e)) from None
 
