@@ -148,14 +148,23 @@ def _open_images(prompt: dict[str, Any]) -> dict[str, Any]:
                                            if kind == "image" else items for kind, items in data.items()}}
 
 
+def _sampling_params(sampling: dict[str, Any]) -> Any:
+    """``SamplingParams`` from a job's dict, whose ``logit_bias`` token ids came through JSON as strings."""
+    from vllm import SamplingParams
+
+    if sampling.get("logit_bias"):
+        sampling = {**sampling, "logit_bias": {int(k): v for k, v in sampling["logit_bias"].items()}}
+    return SamplingParams(**sampling)
+
+
 def run_in_process(job: Job) -> JobResult:
     """Run ``job`` here (the subprocess side)."""
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     llm = LLM(**_engine_defaults(job.engine))
     prompts = _prompt_inputs(job.prompts)
-    params = ([SamplingParams(**s) for s in job.sampling] if isinstance(job.sampling, list)
-              else [SamplingParams(**job.sampling)] * len(prompts))
+    params = ([_sampling_params(s) for s in job.sampling] if isinstance(job.sampling, list)
+              else [_sampling_params(job.sampling)] * len(prompts))
     seconds, outputs, start = [], [], 0
     for size in job.batches or [len(prompts)]:
         begin = time.perf_counter()
@@ -344,9 +353,7 @@ def _peak_rss_bytes() -> int:
 
 def _timed_pass(llm: Any, prompts: list[str] | list[list[int]], sampling: dict[str, Any],
                 batch_size: int) -> RunResult:
-    from vllm import SamplingParams
-
-    params, inputs = SamplingParams(**sampling), _prompt_inputs(prompts)
+    params, inputs = _sampling_params(sampling), _prompt_inputs(prompts)
     before, seconds, tokens = _read_metrics(llm)[0], 0.0, 0
     counters_before = _fused_counters(llm)
     for i in range(0, len(inputs), batch_size):
