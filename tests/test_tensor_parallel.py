@@ -31,7 +31,7 @@ import pytest
 from vllm_mtp_gemma4.bench.job import Job, JobFailed, JobResult, first_error, run_job
 from vllm_mtp_gemma4.worker.ray_cpu import RAY_CPU_RESOURCE
 
-from .conftest import ASSISTANT, ASSISTANT_CENTROIDS, ENGINE, REPO, mtp_config
+from .conftest import ASSISTANT, ASSISTANT_CENTROIDS, ENGINE, REPO, V2_ENV, mtp_config
 from .ray_cluster import ISOLATED, RAY_PORT, WORKER_IP, RayCluster, TwoNodes
 
 pytestmark = pytest.mark.engine
@@ -194,6 +194,24 @@ def test_ray_tp2_greedy_is_token_identical_to_tp1(tp1, tp2_ray, plain_greedy):
 
 def test_ray_tp2_seeded_sampling_matches_tp1(tp1, tp2_ray):
     assert tp2_ray.token_ids[8:] == tp1.token_ids[8:]
+
+
+def test_ray_tp2_on_model_runner_v2(held_out_prompts, plain_greedy, stale_ray_token):
+    """TP=2 through the Ray executor on Model Runner V2 (Triton's interpreter on every node: the raylet's workers
+    inherit the node's environment, not the job's): V2's workers as the plugin's CPU Ray actors, drafting by the
+    local argmax, greedy as plain decoding."""
+    _require_namespaces()
+    cluster = RayCluster({RAY_CPU_RESOURCE: 2}, node_env=V2_ENV)
+    try:
+        result = run_job(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SPEC}, prompts=held_out_prompts[:4],
+                             sampling={"temperature": 0.0, "max_tokens": 32}, env={**TP2_ENV, **V2_ENV, **cluster.env}),
+                         launcher=cluster.launcher, timeout=900)
+    finally:
+        cluster.stop()
+    assert "Using V2 Model Runner" in result.log and "CPURayWorkerProc" in result.log
+    assert "draft argmax: vocab-parallel local" in result.log
+    assert result.token_ids == [t[:32] for t in plain_greedy.token_ids[:4]]
+    assert result.spec.mean_acceptance_length > 1.5
 
 
 def test_joining_without_the_clusters_token_is_one_clear_error(held_out_prompts, ray_cluster):
