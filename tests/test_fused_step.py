@@ -3,7 +3,9 @@
 - one device-to-host read per step, counted by intercepting every torch call of the step
   (``worker/host_reads.py``), read through ``LLM.collective_rpc``;
 - sampled output is distributed like plain sampling (a two-sample chi-square over 20,000 continuations, with its
-  power stated), and the same test rejects upstream vLLM's CPU sampler, the bug it is meant to catch;
+  power stated), and the same test rejects upstream vLLM's CPU sampler, the bug it is meant to catch; so is output
+  with ``repetition_penalty``, ``logit_bias`` (on a token of the prompt) and ``min_p`` together, where applying the
+  bias after the penalty instead of before it, as vLLM's sampler does, changes the distribution;
 - a seeded request gives the same tokens whatever else is in its batch, wherever it sits, and when preempted or
   chunked (where upstream's engine dies: "CPU Generator does not use offset");
 - logprobs are the target's, equal to plain decoding's within 1e-4, for sampled and prompt tokens;
@@ -16,8 +18,9 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 from scipy import stats
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, Gemma4ForCausalLM
 
 from vllm_mtp_gemma4.bench.job import Job, JobResult, run_job
 from vllm_mtp_gemma4.worker.v1.host_reads import COUNT_ENV
@@ -32,6 +35,14 @@ UPSTREAM_SAMPLES = 2_000
 STAT_SAMPLING = {"temperature": 0.8, "top_p": 0.9, "max_tokens": 3, "ignore_eos": True}
 ALPHA = 1e-3  # per comparison; three comparisons per arm
 EFFECT = 0.06  # Cohen's w the test detects with power > 0.95 (computed per view from its degrees of freedom)
+# Penalty, bias and min_p together. The bias is on 'a' (id 79), a token of STAT_PROMPT, so the repetition penalty
+# applies to it: bias then penalty (vLLM's order) gives it p = 0.015 as the first token, penalty then bias 0.158
+# (the target's fp32 logits through both orders, T=1, min_p 0.05): Cohen's w = 1.2 on the first token alone.
+BIAS_SAMPLES = 3_000
+BIAS_TOKEN = 79
+BIAS_SAMPLING = {"temperature": 1.0, "repetition_penalty": 2.0, "logit_bias": {BIAS_TOKEN: 5.0}, "min_p": 0.05,
+                 "max_tokens": 3, "ignore_eos": True}
+BIAS_EFFECT = 0.1  # Cohen's w the penalty/bias test detects with power > 0.95 per view
 BATCH_ENGINE = {**ENGINE, "max_num_seqs": 256}
 PLUGIN_SPEC = {**mtp_config(3), "vllm_mtp_gemma4": {}}
 
@@ -67,10 +78,11 @@ def _rows(batch: list[tuple[int, dict]]) -> tuple[list[list[int]], list[dict]]:
 def plugin_run() -> JobResult:
     a_prompts, a_sampling = _rows(BATCH_A)
     b_prompts, b_sampling = _rows(BATCH_B)
-    prompts = [STAT_PROMPT] * SAMPLES + a_prompts + b_prompts + SHORT
-    sampling = [STAT_SAMPLING] * SAMPLES + a_sampling + b_sampling + [GREEDY_LOGPROBS] * len(SHORT)
+    prompts = [STAT_PROMPT] * SAMPLES + a_prompts + b_prompts + SHORT + [STAT_PROMPT] * BIAS_SAMPLES
+    sampling = ([STAT_SAMPLING] * SAMPLES + a_sampling + b_sampling + [GREEDY_LOGPROBS] * len(SHORT)
+                + [BIAS_SAMPLING] * BIAS_SAMPLES)
     return run_job(Job(engine={**BATCH_ENGINE, "speculative_config": PLUGIN_SPEC}, prompts=prompts,
-                       sampling=sampling, batches=[SAMPLES, len(a_prompts), len(b_prompts), len(SHORT)],
+                       sampling=sampling, batches=[SAMPLES, len(a_prompts), len(b_prompts), len(SHORT), BIAS_SAMPLES],
                        worker_counters=True), timeout=1500)
 
 
@@ -80,13 +92,13 @@ def _batch_outputs(run: JobResult, start: int, batch: list) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def plain_run(plugin_run) -> JobResult:
-    """Plain decoding: the same 20,000 samples, the greedy logprobs, and the plugin's sampled continuations
-    scored as prompts (prompt_logprobs=0 gives the target's logprob of each of their tokens)."""
+    """Plain decoding: the same 20,000 samples, the greedy logprobs, the plugin's sampled continuations scored as
+    prompts (prompt_logprobs=0 gives the target's logprob of each of their tokens), and the penalty/bias samples."""
     a_out = _batch_outputs(plugin_run, SAMPLES, BATCH_A)
     scored = [SHORT[i] + out for (i, _), out in zip(BATCH_A, a_out)]
-    prompts = [STAT_PROMPT] * SAMPLES + SHORT + scored
+    prompts = [STAT_PROMPT] * SAMPLES + SHORT + scored + [STAT_PROMPT] * BIAS_SAMPLES
     sampling = ([STAT_SAMPLING] * SAMPLES + [GREEDY_LOGPROBS] * len(SHORT)
-                + [{"max_tokens": 1, "prompt_logprobs": 0}] * len(scored))
+                + [{"max_tokens": 1, "prompt_logprobs": 0}] * len(scored) + [BIAS_SAMPLING] * BIAS_SAMPLES)
     return run_job(Job(engine=BATCH_ENGINE, prompts=prompts, sampling=sampling), timeout=1500)
 
 
@@ -97,9 +109,9 @@ def upstream_run() -> JobResult:
                    timeout=1500)
 
 
-def _samples(run: JobResult, count: int) -> list[tuple[int, ...]]:
-    samples = [tuple(t) for t in run.token_ids[:count]]
-    assert all(len(s) == 3 for s in samples)
+def _samples(run: JobResult, count: int, start: int = 0) -> list[tuple[int, ...]]:
+    samples = [tuple(t) for t in run.token_ids[start:start + count]]
+    assert len(samples) == count and all(len(s) == 3 for s in samples)
     return samples
 
 
@@ -120,8 +132,9 @@ def power(n_total: int, dof: int, effect: float = EFFECT, alpha: float = ALPHA) 
     return float(stats.ncx2.sf(critical, dof, n_total * effect**2))
 
 
-def _views(samples: list[tuple[int, ...]]) -> dict[str, list]:
-    return {"token 2": [s[1] for s in samples], "token 3": [s[2] for s in samples],
+def _views(samples: list[tuple[int, ...]], first: bool = False) -> dict[str, list]:
+    views = {"token 1": [s[0] for s in samples]} if first else {}
+    return {**views, "token 2": [s[1] for s in samples], "token 3": [s[2] for s in samples],
             "tokens 1-2": [s[:2] for s in samples]}
 
 
@@ -155,6 +168,54 @@ def test_sampled_output_is_distributed_like_plain_sampling(plugin_run, plain_run
         assert p > ALPHA, f"{view}: plugin samples differ from plain sampling (chi-square p={p:.2g}, dof {dof})"
     # Speculation does its job at T=0.8: a draft is accepted in a good share of steps.
     assert plugin_run.spec.mean_acceptance_length > 1.3
+
+
+def test_penalty_bias_and_min_p_sample_like_plain_sampling(plugin_run, plain_run):
+    """``repetition_penalty`` 2.0, ``logit_bias`` +5 on a token of the prompt and ``min_p`` 0.05 together, T=1: the
+    first three tokens (the first from a prefill row, the others from drafted steps, where the penalty also sees the
+    drafts before each position) are distributed as plain sampling's. Each view detects w = 0.1 with power > 0.95
+    (alpha 1e-3, 3,000 samples a side); the bias applied after the penalty moves the first token alone by w = 1.2."""
+    offset = SAMPLES + len(BATCH_A) + len(BATCH_B) + len(SHORT)
+    plugin = _views(_samples(plugin_run, BIAS_SAMPLES, offset), first=True)
+    plain_offset = SAMPLES + len(SHORT) + len(BATCH_A)
+    plain = _views(_samples(plain_run, BIAS_SAMPLES, plain_offset), first=True)
+    assert BIAS_TOKEN in STAT_PROMPT
+    for view in plugin:
+        p, dof = chi_square(plugin[view], plain[view])
+        assert power(2 * BIAS_SAMPLES, dof, effect=BIAS_EFFECT) > 0.95, f"{view}: too few samples at dof {dof}"
+        print(f"{view}: chi-square p={p:.3g}, dof {dof}, power {power(2 * BIAS_SAMPLES, dof, BIAS_EFFECT):.3f} "
+              f"at w={BIAS_EFFECT}")
+        assert p > ALPHA, f"{view}: plugin samples differ from plain sampling (chi-square p={p:.2g}, dof {dof})"
+    # The biased token is drawn, so the order is exercised (0.015 expected as the first token).
+    assert plain["token 1"].count(BIAS_TOKEN) > 10 and plugin["token 1"].count(BIAS_TOKEN) > 10
+
+
+def test_the_bias_order_moves_the_first_token_far_beyond_what_the_test_resolves():
+    """The penalty/bias test can fail: on the target's own fp32 logits (Hugging Face), the bias applied after the
+    repetition penalty instead of before it moves the first token's distribution by w > 3 x BIAS_EFFECT."""
+    model = Gemma4ForCausalLM.from_pretrained(TARGET, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([STAT_PROMPT])).logits[0, -1]
+    seen = torch.tensor(sorted(set(STAT_PROMPT)))
+
+    def penalized(x: torch.Tensor) -> torch.Tensor:  # vLLM's repetition penalty on tokens already seen
+        x = x.clone()
+        x[seen] = torch.where(x[seen] > 0, x[seen] / 2.0, x[seen] * 2.0)
+        return x
+
+    def biased(x: torch.Tensor) -> torch.Tensor:
+        return x + 5.0 * torch.nn.functional.one_hot(torch.tensor(BIAS_TOKEN), x.shape[-1])
+
+    def distribution(x: torch.Tensor) -> torch.Tensor:  # T=1, then min_p 0.05
+        p = x.softmax(-1)
+        p = p * (p >= 0.05 * p.max())
+        return p / p.sum()
+
+    vllm_order, other_order = distribution(penalized(biased(logits))), distribution(biased(penalized(logits)))
+    support = (vllm_order + other_order) > 0
+    w = (((vllm_order - other_order) ** 2)[support] / vllm_order[support].clamp(min=1e-12)).sum().sqrt().item()
+    print(f"bias after the penalty: first token moved by w = {w:.2f}")
+    assert w > 3 * BIAS_EFFECT
 
 
 def test_the_same_test_rejects_upstream_cpu_sampling(upstream_run, plain_run):
