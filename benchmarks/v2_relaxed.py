@@ -10,6 +10,7 @@ between steps every request commits K + 1 tokens (all drafts accepted: the most 
 - median ms per step at contexts of 1k, 8k and 32k tokens, at the fixture's vocabulary (4,096, where history work
   would show) and at Gemma 4's (262,144); the goal is 32k / 1k <= 1.1;
 - the one-off admission (the context's thinking state, read once per request);
+- for comparison, the history scan alone that the processor ran every step until commit 6a1f614;
 - the resident memory one step adds at B = 256, K = 4, V = 262,144 (peak RSS during ``apply`` less before it,
   in a fresh process), against the bound ``ops.relaxed.CHUNK_BYTES`` sets.
 """
@@ -93,7 +94,22 @@ def step_times(batch: int, k: int, vocab: int, context: int, steps: int) -> dict
     forced = int((work != logits).any(1).sum())
     return {"batch": batch, "k": k, "vocab": vocab, "context": context, "steps": steps,
             "median_ms": round(statistics.median(times[2:]), 3), "admission_ms": round(admission_ms, 3),
-            "rows_forced_last_step": forced}
+            "history_scan_ms": history_scan_ms(states, ctx), "rows_forced_last_step": forced}
+
+
+def history_scan_ms(states, ctx) -> float:
+    """The thinking state as the processor found it until commit 6a1f614, for comparison in the same run: every
+    logits row's whole committed history gathered and scanned, every step."""
+    from vllm_mtp_gemma4.ops import thinking_at_lengths
+
+    slot, committed = ctx.expanded_idx_mapping.long(), ctx.pos.long() - ctx.expanded_local_pos.long()
+    width = int(ctx.seq_lens_upper_bound_np.max())
+    times = []
+    for _ in range(5):
+        begin = time.perf_counter()
+        thinking_at_lengths(states.all_token_ids.gpu[slot, :width], committed, 7, 8)
+        times.append((time.perf_counter() - begin) * 1e3)
+    return round(statistics.median(times), 3)
 
 
 def memory_child(batch: int, k: int, vocab: int) -> None:
@@ -144,8 +160,10 @@ def main() -> None:
     lines = ["# Relaxed acceptance on Model Runner V2: cost per step against context", "",
              f"`python benchmarks/v2_relaxed.py`, {result['date']}, CPU ({torch.get_num_threads()} threads), "
              "B = 32, K = 3, every request relaxed and inside a thinking block.", "",
-             "| vocabulary | context | ms per step (median) | admission, once (ms) |", "|---|---|---|---|"]
-    lines += [f"| {r['vocab']:,} | {r['context']:,} | {r['median_ms']} | {r['admission_ms']} |" for r in rows]
+             "| vocabulary | context | ms per step (median) | admission, once (ms) | before: history scan alone, per "
+             "step (ms) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['vocab']:,} | {r['context']:,} | {r['median_ms']} | {r['admission_ms']} | {r['history_scan_ms']} |"
+              for r in rows]
     lines += ["", f"32k ÷ 1k: {ratios['4096']} at V = 4,096, {ratios['262144']} at V = 262,144 (goal <= 1.1).", "",
               f"Memory one step adds at B = {batch}, K = {k}, V = {vocab:,} ({batch * (k + 1)} rows): "
               f"{memory['extra_bytes'] / 2**20:.0f} MiB peak RSS, against a bound of {bound / 2**20:.0f} MiB "
@@ -160,16 +178,21 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for vocab in sorted({r["vocab"] for r in rows}):
+    vocabs = sorted({r["vocab"] for r in rows})
+    fig, axes = plt.subplots(1, len(vocabs), figsize=(5 * len(vocabs), 4))
+    for ax, vocab in zip(axes, vocabs):
         mine = [r for r in rows if r["vocab"] == vocab]
-        ax.plot([r["context"] for r in mine], [r["median_ms"] for r in mine], marker="o", label=f"V = {vocab:,}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("ms per step (B = 32, K = 3)")
-    ax.set_title("V2 relaxed acceptance: per-step cost vs context")
-    ax.set_ylim(bottom=0)
-    ax.legend()
+        contexts = [r["context"] for r in mine]
+        ax.plot(contexts, [r["median_ms"] for r in mine], marker="o", label="whole step, now")
+        ax.plot(contexts, [r["history_scan_ms"] for r in mine], marker="s", linestyle="--",
+                label="history scan alone, before (6a1f614)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per step (B = 32, K = 3)")
+        ax.set_title(f"V = {vocab:,}")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.suptitle("V2 relaxed acceptance: per-step cost against context (CPU, 1 thread)")
     fig.tight_layout()
     fig.savefig(OUT / "step_cost.png", dpi=120)
 
