@@ -123,7 +123,7 @@ class RelaxedAcceptanceProcessor(LogitsProcessor):
         if relaxed_reqs.size == 0 or logits.shape[0] == ctx.idx_mapping_np.shape[0]:
             return logits  # no relaxed request, or no drafts at all in this step
         slots = ctx.idx_mapping[async_tensor_h2d(relaxed_reqs, device=self.device)]
-        self.thinking.before_last_token(ctx.idx_mapping_np[relaxed_reqs], slots)
+        self.thinking.advance(ctx.idx_mapping_np[relaxed_reqs], slots)
 
         slot = ctx.expanded_idx_mapping.long()
         force_relaxed_drafts(logits, ctx.input_ids.long(), ctx.expanded_local_pos.long(), self.thinking.inside[slot],

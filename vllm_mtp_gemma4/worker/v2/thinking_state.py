@@ -49,9 +49,9 @@ class ThinkingState:
         self.scanned[slots] = lengths
         self.last_step[slots_np] = self.step
 
-    def before_last_token(self, slots_np: np.ndarray, slots: torch.Tensor) -> torch.Tensor:
-        """[R] the state after all but the last committed token of each slot (the token a step feeds first),
-        advanced by what was committed since the slot's last step."""
+    def advance(self, slots_np: np.ndarray, slots: torch.Tensor) -> None:
+        """Bring ``inside[slots]`` to the state after all but the last committed token of each slot (the token a
+        step feeds first), folding in what was committed since the slot's last step."""
         token_ids = self.req_states.all_token_ids.gpu
         steps = int((self.step - self.last_step[slots_np]).max())
         width = min(self.max_tokens_per_step * max(1, steps), token_ids.shape[1])
@@ -63,4 +63,3 @@ class ThinkingState:
                                            self.open_id, self.close_id)
         self.inside[slots], self.scanned[slots] = inside, scanned
         self.last_step[slots_np] = self.step
-        return inside
