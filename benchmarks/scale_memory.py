@@ -1,0 +1,71 @@
+"""Memory at Gemma 4's vocabulary: peak resident memory and KV blocks, the plugin against upstream vLLM.
+
+    python benchmarks/scale_memory.py      # about 15 minutes on 2 CPU cores; writes benchmarks/results/scale/
+
+The E2B pair at its published widths (``tools/build_real_widths.py``: V = 262,144, hidden 1,536, centroid
+assistant), fp32, eager. For K = 3 and 4, one engine with the plugin and one with upstream's Gemma 4 MTP (plugins
+off), one at a time. Each engine runs, in this order, passes at b = 1 and b = 32 (32 prompts of 48 token ids,
+16 new tokens each, in generate calls of b), greedy then sampled (T = 0.8, seeded); after each pass the high-water
+resident memory of the engine's processes (``VmHWM``, summed) is read. The peak can only grow, so each pass's
+growth over the previous one is what that pass needed beyond everything before it. KV blocks are what the engine
+allocated (``VLLM_CPU_KVCACHE_SPACE=1`` for both: the plugin keeps no KV of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+OUT = REPO / "benchmarks" / "results" / "scale"
+PASSES = [(1, 0.0), (1, 0.8), (32, 0.0), (32, 0.8)]  # (b, temperature)
+PROMPTS, PROMPT_LEN, TOKENS = 32, 48, 16
+
+
+def main() -> None:
+    from build_real_widths import build
+
+    from vllm_mtp_gemma4.bench.job import EngineWorker
+
+    pair = build("e2b", Path("~/.cache/vllm-mtp-gemma4/real-widths").expanduser())
+    gen = torch.Generator().manual_seed(0)
+    prompts = [[2] + torch.randint(1000, 250_000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(PROMPTS)]
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in (3, 4):
+        for plugins in (True, False):
+            spec = {"method": "mtp", "model": str(pair / "assistant"), "num_speculative_tokens": k}
+            if plugins:
+                spec["vllm_mtp_gemma4"] = {}
+            engine = {"model": str(pair / "target"), "dtype": "float32", "enforce_eager": True,
+                      "max_model_len": 512, "speculative_config": spec}
+            name = f"{'plugin' if plugins else 'upstream'}-k{k}"
+            with EngineWorker(engine, OUT / f"{name}.log", plugins=plugins, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                              timeout=1800) as worker:
+                previous = 0
+                for batch, temperature in PASSES:
+                    sampling = {"temperature": temperature, "seed": 7, "max_tokens": TOKENS, "detokenize": False,
+                                "ignore_eos": True}
+                    result = worker.generate(prompts[:max(batch, 4)] if batch == 1 else prompts, sampling, batch)
+                    rows.append({"engine": name, "k": k, "plugin": plugins, "b": batch, "temperature": temperature,
+                                 "kv_blocks": worker.info["kv_blocks"], "peak_rss_gib": result.peak_rss_bytes / 2**30,
+                                 "growth_gib": (result.peak_rss_bytes - previous) / 2**30 if previous else None,
+                                 "tokens": result.generated_tokens})
+                    previous = result.peak_rss_bytes
+                    print(json.dumps(rows[-1]), flush=True)
+    (OUT / "memory.json").write_text(json.dumps({
+        "command": "python benchmarks/scale_memory.py",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "model": "E2B published widths (tools/build_real_widths.py), fp32, eager, V = 262,144",
+        "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
