@@ -133,14 +133,17 @@ def test_image_chat_through_vllm_serve(mm_fixture, images, cg_plain, tmp_path):
     uri = "data:image/png;base64," + base64.b64encode(images[1].read_bytes()).decode()
     extra = ("--enforce-eager", "--dtype", "float32", "--speculative-config", str(config),
              "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}))
-    with Server(tmp_path / "server.log", speculative=False, extra=extra, env=MM_ENV,
-                model=mm_fixture / "target") as server:
+    server = Server(tmp_path / "server.log", speculative=False, extra=extra, env=MM_ENV, model=mm_fixture / "target")
+    try:
+        server.wait_ready(timeout=900)  # a busy machine takes minutes to start a multimodal engine
         client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         out = client.chat.completions.create(
             model=MODEL_NAME, temperature=0, max_tokens=TOKENS,
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                    {"type": "text", "text": QUESTION}]}],
             extra_body={"return_token_ids": True})
+    finally:
+        server.stop()
     assert "Gemma4MTPProposer drafting K=3" in (tmp_path / "server.log").read_text()
     image_token = json.loads((mm_fixture / "target" / "config.json").read_text())["image_token_id"]
     assert out.prompt_token_ids.count(image_token) > 0
