@@ -178,6 +178,9 @@ def _fit_to_runner(config: Any, plugin_config: PluginConfig, explicit_async: boo
       speculative copy of the same outputs) is turned off; asked for explicitly, it is an error. Pipeline
       parallelism is refused.
     - V2: V2's own step and scheduling stay; the plugin's parts are added by ``worker.v2.fit_to_v2``.
+
+    Checked against vLLM 0.32.0 and 0.33.0 (``VllmConfig.use_v2_model_runner``; ``ModelConfig.logits_processors``
+    is read by V2's runner after this point).
     """
     from vllm_mtp_gemma4.worker.v2 import fit_to_v2
 

@@ -1,7 +1,12 @@
 """Model Runner V2 (``vllm/v1/worker/gpu/``; the CUDA default): V2 keeps its own step, speculator and rejection
 sampler; the plugin adds relaxed acceptance as a V2 logits processor (``relaxed.py``, with the per-slot thinking
 state of ``thinking_state.py``), its assistant class (registered model) and, for a centroid-masked assistant, the
-sparse argmax of its head."""
+sparse argmax of its head.
+
+Read against vLLM 0.32.0 and 0.33.0: the V2 logits-processor interface (``sample/logits_processor/interface.py``)
+is the same file in both; 0.33's sampler warm-up admits every slot with warm-up params and samples one row per
+request, which the processor passes over (no drafts); 0.33 adds ``rejection_sample_method: "fly"``, which, as
+every method but ``standard``, leaves relaxed acceptance unavailable (``forced_logits_readers``)."""
 
 from __future__ import annotations
 
