@@ -3,8 +3,9 @@
     python benchmarks/scale_memory.py      # about 15 minutes on 2 CPU cores; writes benchmarks/results/scale/
 
 The E2B pair at its published widths (``tools/build_real_widths.py``: V = 262,144, hidden 1,536, centroid
-assistant), fp32, eager. For K = 3 and 4, one engine with the plugin and one with upstream's Gemma 4 MTP (plugins
-off), one at a time. Each engine runs, in this order, passes at b = 1 and b = 32 (32 prompts of 48 token ids,
+assistant), bf16 (as users run it; fp32 doubles the weights on a shared machine), eager, at most 32 sequences.
+For K = 3 and 4, one engine with the plugin and one with upstream's Gemma 4 MTP (plugins off), one at a time.
+Each engine runs, in this order, passes at b = 1 and b = 32 (32 prompts of 48 token ids,
 16 new tokens each, in generate calls of b), greedy then sampled (T = 0.8, seeded); after each pass the high-water
 resident memory of the engine's processes (``VmHWM``, summed) is read. The peak can only grow, so each pass's
 growth over the previous one is what that pass needed beyond everything before it. KV blocks are what the engine
@@ -43,8 +44,9 @@ def main() -> None:
             spec = {"method": "mtp", "model": str(pair / "assistant"), "num_speculative_tokens": k}
             if plugins:
                 spec["vllm_mtp_gemma4"] = {}
-            engine = {"model": str(pair / "target"), "dtype": "float32", "enforce_eager": True,
-                      "max_model_len": 512, "speculative_config": spec}
+            engine = {"model": str(pair / "target"), "dtype": "bfloat16", "enforce_eager": True,
+                      "max_model_len": 512, "max_num_seqs": 32, "max_num_batched_tokens": 1024,
+                      "speculative_config": spec}
             name = f"{'plugin' if plugins else 'upstream'}-k{k}"
             with EngineWorker(engine, OUT / f"{name}.log", plugins=plugins, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
                               timeout=1800) as worker:
@@ -63,7 +65,7 @@ def main() -> None:
         "command": "python benchmarks/scale_memory.py",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "model": "E2B published widths (tools/build_real_widths.py), fp32, eager, V = 262,144",
+        "model": "E2B published widths (tools/build_real_widths.py), bf16, eager, V = 262,144, max_num_seqs 32",
         "rows": rows}, indent=1) + "\n")
 
 
