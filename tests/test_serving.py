@@ -203,6 +203,7 @@ def test_metrics_show_acceptance(client, server):
     ({"extra_body": {"vllm_xargs": {"relaxed_topk": 0}}}, "relaxed_topk"),
     ({"extra_body": {"vllm_xargs": {"relaxed_delta": 2}}}, "relaxed_delta"),
     ({"extra_body": {"vllm_xargs": {"relaxed_acceptance": "yes"}}}, "relaxed_acceptance"),
+    ({"extra_body": {"vllm_xargs": {"num_speculative_tokens": -1}}}, "num_speculative_tokens: must be an integer"),
     ({"prompt": "x " * 5000, "max_tokens": 16}, "maximum context length"),
     ({"max_tokens": MAX_MODEL_LEN + 1}, "max_tokens"),
 ])
