@@ -317,6 +317,7 @@ def test_v2_refuses_relaxed_acceptance_where_its_forced_logits_would_show(v2_con
     assert "relaxed acceptance: unavailable (--logprobs-mode processed_logprobs)" in output
 
 
+@pytest.mark.scale  # two interpreted engines; the config that turns it on is checked in the default suite
 def test_v2_centroid_head_sparse_argmax_drafts_what_the_dense_scatter_does(held_out_prompts, plain_greedy):
     """The plugin (sparse argmax over the top centroids' tokens) against upstream V2 at TP=1 (the centroid scores
     scattered into full-vocabulary logits, then an argmax): the same tokens as plain decoding, and the same accepted

@@ -196,6 +196,7 @@ def test_ray_tp2_seeded_sampling_matches_tp1(tp1, tp2_ray):
     assert tp2_ray.token_ids[8:] == tp1.token_ids[8:]
 
 
+@pytest.mark.scale  # a Ray cluster and an interpreted TP=2 engine; TP=2 on V2 with ``mp`` is in the default suite
 def test_ray_tp2_on_model_runner_v2(held_out_prompts, plain_greedy, stale_ray_token):
     """TP=2 through the Ray executor on Model Runner V2 (Triton's interpreter on every node: the raylet's workers
     inherit the node's environment, not the job's): V2's workers as the plugin's CPU Ray actors, drafting by the
