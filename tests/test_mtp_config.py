@@ -14,6 +14,7 @@ import pytest
 from vllm.engine.arg_utils import EngineArgs
 
 from vllm_mtp_gemma4.config import (
+    ADAPTIVE_BY_DEFAULT,
     SECTION,
     MTPConfigError,
     PluginConfig,
@@ -145,6 +146,15 @@ def test_the_runner_decides_what_fused_means():
     assert PluginConfig.from_dict({"fused": False}).for_runner("V1").fused is False
     assert PluginConfig.from_dict({"relaxed_acceptance": True}).for_runner("V2").fused is False
     assert PluginConfig.from_dict({"fused": False}).for_runner("V2").fused is False
+
+
+def test_the_runner_decides_what_adaptive_k_left_out_means():
+    """Left out: the default where the fused step runs, off elsewhere (V2, "fused": false), never an error."""
+    assert PluginConfig().for_runner("V1").adaptive_k is ADAPTIVE_BY_DEFAULT
+    assert PluginConfig().for_runner("V2").adaptive_k is False
+    assert PluginConfig.from_dict({"fused": False}).for_runner("V1").adaptive_k is False
+    assert PluginConfig.from_dict({"adaptive_k": False}).for_runner("V1").adaptive_k is False
+    assert PluginConfig.from_dict({"adaptive_k": True}).for_runner("V1").adaptive_k is True
 
 
 def test_draft_tensor_parallel_size_must_match_the_target():

@@ -42,6 +42,8 @@ RELAXED_KEYS = {"relaxed_acceptance": "enabled", "relaxed_topk": "topk", "relaxe
 """Key in ``mtp.json``'s section and in ``SamplingParams.extra_args`` -> ``RelaxedAcceptance`` field."""
 FUSED_REJECTION_METHODS = ("standard", "synthetic")
 """vLLM's ``rejection_sample_method`` values the fused step honours ("synthetic": benchmarks only, not lossless)."""
+ADAPTIVE_BY_DEFAULT = False
+"""Whether ``adaptive_k`` left out plans each step (on V1 with the fused step), or drafts K every step."""
 DRAFT_CAP_KEY = "num_speculative_tokens"
 """``SamplingParams.extra_args`` key (``vllm_xargs`` over HTTP): the most drafts a request sends per step (0: none)."""
 
@@ -54,7 +56,7 @@ class PluginConfig:
     relaxed_acceptance: bool = False
     relaxed_topk: int = 10
     relaxed_delta: float = 0.6
-    adaptive_k: bool = False
+    adaptive_k: bool | None = None  # None: the runner's default (ADAPTIVE_BY_DEFAULT where the fused step runs)
 
     @classmethod
     def from_dict(cls, section: Any, where: str = SECTION) -> PluginConfig:
@@ -83,7 +85,7 @@ class PluginConfig:
                 raise MTPConfigError(
                     f"{SECTION}.adaptive_k: not available on Model Runner V2, which this engine runs; use vLLM's own "
                     f"\"enable_adaptive_verification\": true in the speculative config, or VLLM_USE_V2_MODEL_RUNNER=0")
-            return replace(self, fused=False)
+            return replace(self, fused=False, adaptive_k=False)
         fused = self.fused is not False
         for feature in ("relaxed_acceptance", "adaptive_k"):
             if getattr(self, feature) and not fused:
@@ -96,7 +98,8 @@ class PluginConfig:
         if fused and rejection_sample_method == "synthetic" and self.relaxed_acceptance:
             raise MTPConfigError(f"{SECTION}.relaxed_acceptance: not with 'rejection_sample_method': 'synthetic', "
                                  f"whose rates replace every accept test")
-        return replace(self, fused=fused)
+        adaptive = (fused and ADAPTIVE_BY_DEFAULT) if self.adaptive_k is None else self.adaptive_k
+        return replace(self, fused=fused, adaptive_k=adaptive)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -64,7 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", help="engine dtype (default %(default)s)")
     parser.add_argument("--methods", type=_list(str), default=list(METHODS),
                         help=f"comma-separated subset of {', '.join(METHODS)}; must include {BASELINE}")
+    parser.add_argument("--method-k", action="append", default=[], metavar="METHOD=K[,K...]",
+                        help="run a speculative method at these Ks only (repeatable), e.g. upstream=3")
     return parser
+
+
+def _method_ks(parser: argparse.ArgumentParser, values: list[str], methods: list[str],
+               ks: list[int]) -> dict[str, list[int]]:
+    chosen = {}
+    for value in values:
+        name, _, ks = value.partition("=")
+        try:
+            chosen[name] = _list(int)(ks)
+        except ValueError:
+            chosen[name] = []
+        if name not in methods or not METHODS[name].speculative or not chosen[name] or set(chosen[name]) - set(ks):
+            parser.error(f"--method-k {value}: expected a speculative method of --methods, '=', and Ks of --ks")
+    return chosen
 
 
 def parse_args(argv: list[str]) -> tuple[Settings, Path]:
@@ -85,7 +101,9 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path]:
     if any(v < 1 for v in counts) or not all(chosen[k] for k in ("batches", "ks", "temperatures")):
         parser.error("batch sizes, Ks, repeats, max tokens and prompts must be >= 1, lists non-empty")
     methods = [m for m in METHODS if m in args.methods]
-    settings = Settings(mode=args.mode, fixture=fixture, dtype=args.dtype, methods=methods, **chosen)
+    method_ks = _method_ks(parser, args.method_k, methods, chosen["ks"])
+    settings = Settings(mode=args.mode, fixture=fixture, dtype=args.dtype, methods=methods, method_ks=method_ks,
+                        **chosen)
     return settings, args.out or Path("benchmarks/results") / args.mode
 
 

@@ -45,9 +45,12 @@ METHODS: dict[str, Method] = {
     "upstream": Method(plugins=False, speculative=True),  # vLLM's own Gemma 4 MTP
     "plugin": Method(plugins=True, speculative=True),  # the plugin's fused step (its defaults)
     "plugin-unfused": Method(plugins=True, speculative=True, speculative_extra={"vllm_mtp_gemma4": {"fused": False}}),
-    # K is the maximum: each request verifies 0..K drafts per step.
+    # K is the maximum: each step runs 0..K draft steps and each request verifies 0..K drafts.
     "plugin-adaptive": Method(plugins=True, speculative=True,
                               speculative_extra={"vllm_mtp_gemma4": {"adaptive_k": True}}),
+    # K drafts every step, whatever the default.
+    "plugin-fixed": Method(plugins=True, speculative=True,
+                           speculative_extra={"vllm_mtp_gemma4": {"adaptive_k": False}}),
     "plain-tp2": Method(plugins=False, speculative=False, **TP2),
     "plugin-tp2": Method(plugins=True, speculative=True, **TP2),
 }
@@ -86,6 +89,11 @@ class Settings:
     dtype: str = "float32"  # the fixture's weights are bf16, computed in fp32
     max_model_len: int = 2048
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    # A speculative method named here runs at these Ks only (the others at every K of ``ks``).
+    method_ks: dict[str, list[int]] = field(default_factory=dict)
+
+    def runs(self, method: str, k: int) -> bool:
+        return k in self.method_ks.get(method, self.ks)
 
     @property
     def default_k(self) -> int:
@@ -133,9 +141,10 @@ def sampling(temperature: float, max_tokens: int) -> dict[str, Any]:
 
 def total_steps(settings: Settings) -> int:
     """Engine starts plus timed passes, for the progress bar."""
-    speculative = sum(METHODS[m].speculative for m in settings.methods)
-    passes = len(settings.ks) * settings.repeats * len(settings.temperatures) * len(settings.batches)
-    return len(_unspeculative(settings)) + speculative * len(settings.ks) + passes * len(settings.methods)
+    unspeculative = _unspeculative(settings)
+    engines = sum(settings.runs(m, k) for m in settings.methods if METHODS[m].speculative for k in settings.ks)
+    per_group = settings.repeats * len(settings.temperatures) * len(settings.batches)
+    return len(unspeculative) + engines + per_group * (len(settings.ks) * len(unspeculative) + engines)
 
 
 def _unspeculative(settings: Settings) -> list[str]:
@@ -163,7 +172,7 @@ def run_sweep(settings: Settings, log_dir: Path, progress: tqdm) -> Sweep:
             with ExitStack() as group:
                 workers = dict(unspeculative)
                 for name in settings.methods:
-                    if METHODS[name].speculative:
+                    if METHODS[name].speculative and settings.runs(name, k):
                         workers[name] = group.enter_context(
                             _start(settings, name, k, prompts, log_dir, sweep, progress))
                 _measure_group(settings, k, workers, prompts, sweep, progress)

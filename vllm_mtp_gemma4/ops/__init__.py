@@ -6,7 +6,7 @@ Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 """
 
 from .adaptive import Calibration, choose_num_drafts, draft_chances, draft_survival
-from .cost import DraftPlan, StepTimes, batch_bucket, exploring, plan_drafts
+from .cost import DraftPlan, Planner, StepTimes, batch_bucket, expected_rates, exploring, plan_drafts
 from .relaxed import force_relaxed_drafts, force_tokens, relaxed_accepts, row_chunk, strict_only
 from .sampling import (
     GREEDY_TEMPERATURE,
@@ -61,9 +61,11 @@ __all__ = [
     "draft_chances",
     "draft_survival",
     "DraftPlan",
+    "Planner",
     "StepTimes",
     "batch_bucket",
     "exploring",
+    "expected_rates",
     "plan_drafts",
     "greedy_verdict",
     "head_indices",

@@ -43,13 +43,12 @@ from vllm_mtp_gemma4.config import PluginConfig, thinking_marker_ids
 from vllm_mtp_gemma4.log import get_logger
 from vllm_mtp_gemma4.ops import (
     DraftPlan,
+    Planner,
     StepTimes,
     batch_bucket,
     choose_num_drafts,
     draft_chances,
     draft_survival,
-    exploring,
-    plan_drafts,
 )
 from vllm_mtp_gemma4.worker import STEP_PHASES
 from vllm_mtp_gemma4.worker.v1.host_reads import HostReadCounter, counting_enabled, device_tensors
@@ -59,12 +58,9 @@ from vllm_mtp_gemma4.worker.v1.verifier import StepVerifier
 
 logger = get_logger(__name__)
 
-# Adaptive K: every EXPLORE_EVERY-th plan re-measures another S than the best (``ops.exploring``) for
-# EXPLORE_HOLD steps, the last of them steady (it verifies what a step at that S sent). At batch 1, where drafting
-# pays most, exploring costs about EXPLORE_HOLD / EXPLORE_EVERY of the gain. The step times in use are refreshed
-# every REFRESH_STEPS steps; under tensor parallelism every rank then takes rank 0's, so all ranks plan alike.
-EXPLORE_EVERY = 48
-EXPLORE_HOLD = 2
+# Adaptive K: the step times in use are refreshed every REFRESH_STEPS steps (and at once on one rank while the
+# batch's bucket still measures its own ends); under tensor parallelism every rank then takes rank 0's, so all ranks
+# plan alike (``ops.Planner`` is deterministic in its inputs).
 REFRESH_STEPS = 16
 
 
@@ -96,14 +92,14 @@ class FusedStepMixin:
         self._rows: RowInputs | None = None  # the running step's
         self.step_times = StepTimes(self.num_spec_tokens)
         self.times_in_use = self.step_times.estimated()
+        self.planner = Planner(self.num_spec_tokens)
         self.plans = 0
         self.plain_steps = 0  # steps whose plan drafted nothing
-        self._explorations = 0
-        self._exploring: tuple[int, int] | None = None  # (S, steps left)
         self._last_steps: int | None = None  # S of the previous plan
         self._step_started: float | None = None
         self._decode_rows: int | None = None  # rows of the running step, if it is pure decode
-        self._timed_step: tuple[int, int] | None = None  # (B, S) of the running step, if pure decode and steady
+        # (sampled, B, S) of the running step, if pure decode and steady
+        self._timed_step: tuple[bool, int, int] | None = None
         logger.info("vllm-mtp-gemma4: fused target-verify step on (thinking markers %s/%s)", open_id, close_id)
 
     @contextmanager
@@ -136,24 +132,15 @@ class FusedStepMixin:
     def _plan(self, req_ids: list[str]) -> DraftPlan:
         """This step's draft steps and each request's draft count (``ops/cost.py``)."""
         k = self.num_spec_tokens
-        bucket = batch_bucket(len(req_ids))
-        # Refreshed every REFRESH_STEPS steps; on one rank also at once while this bucket still has S to measure.
-        if self.fused_steps % REFRESH_STEPS == 0 or (get_tp_group().world_size == 1
-                                                     and self.times_in_use[bucket].isnan().any()):
+        sampled = not self.input_batch.sampling_metadata.all_greedy
+        if self.fused_steps % REFRESH_STEPS == 0 or (
+                get_tp_group().world_size == 1
+                and self.times_in_use[int(sampled), batch_bucket(len(req_ids)), : k + 1].isnan().any()):
             self._refresh_times()
         self.plans += 1
-        survival = self.tracker.survival(req_ids)
-        times = self.times_in_use[bucket]
-        plan = plan_drafts(survival, times)
-        if self._exploring is None and self.plans % EXPLORE_EVERY == 0 and not times[: k + 1].isnan().any():
-            self._exploring = (exploring(plan.steps, self._explorations, k), EXPLORE_HOLD)
-            self._explorations += 1
-        if self._exploring is not None:
-            steps, left = self._exploring
-            plan = DraftPlan(steps, torch.full((len(req_ids),), steps, dtype=torch.int64), 0.0)
-            self._exploring = (steps, left - 1) if left > 1 else None
+        plan = self.planner.plan(sampled, self.tracker.survival(req_ids), self.times_in_use[int(sampled)])
         if self._decode_rows is not None and self._last_steps == plan.steps:
-            self._timed_step = (self._decode_rows, plan.steps)
+            self._timed_step = (sampled, self._decode_rows, plan.steps)
         self._last_steps = plan.steps
         self.plain_steps += plan.steps == 0
         return plan
@@ -303,7 +290,8 @@ class FusedStepMixin:
                     spec_decode_common_attn_metadata, slot_mappings,
                 )
                 if plan is not None:
-                    self.step_times.observe_draft(len(req_ids), (time.perf_counter() - begin) / steps)
+                    self.step_times.observe_draft(not self.input_batch.sampling_metadata.all_greedy, len(req_ids),
+                                                  (time.perf_counter() - begin) / steps)
             elif self.parallel_config.data_parallel_size > 1:
                 # As vLLM's step does: a rank that skips drafting still joins the drafter's collectives, so DP
                 # ranks that disagree on whether to draft do not hang.
@@ -362,12 +350,13 @@ def fused_step_counters(worker: Any) -> dict[str, Any]:
         "host_reads": dict(reads) if (reads := getattr(runner, "host_reads", None)) is not None else None,
         "phase_seconds": dict(getattr(runner, "phase_seconds", {})),
         "calibration": [c.ratio for c in runner.tracker.calibration] if getattr(runner, "fused", False) else None,
-        # Adaptive K: plans made, plans that drafted nothing, and the step seconds in use, per batch-size bucket
-        # (1, 2, 3-4, ... rows): by S = 0..K, then one draft step's (None: not measured).
+        # Adaptive K: plans made, plans that drafted nothing, and the step seconds in use, per regime and batch-size
+        # bucket (1, 2, 3-4, ... rows): by S = 0..K, then one draft step's (None: not measured).
         "plans": getattr(runner, "plans", 0),
         "plain_steps": getattr(runner, "plain_steps", 0),
-        "step_seconds": {f"bucket {b}": [None if v != v else v for v in row] for b, row in
-                         enumerate(times.tolist()) if any(v == v for v in row)}
+        "step_seconds": {f"{('greedy', 'sampled')[r]} bucket {b}": [None if v != v else v for v in row]
+                         for r, regime in enumerate(times.tolist()) for b, row in enumerate(regime)
+                         if any(v == v for v in row)}
         if (times := getattr(runner, "times_in_use", None)) is not None else None,
     }
 
