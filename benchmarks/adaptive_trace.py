@@ -1,13 +1,13 @@
-"""What adaptive K plans against what it then measures, step by step, at batch 1 and 32 (issue 25 point 1).
+"""What adaptive K plans against what it then measures, step by step, at batch 1, 8 and 32 (issue 25 point 1).
 
-    python benchmarks/adaptive_trace.py        # prints a summary; the whole trace goes to /tmp/adaptive_trace.json
+    python benchmarks/adaptive_trace.py [--eager]   # prints a summary; the whole trace: /tmp/adaptive_trace.json
 
-One engine (the fixture pair, K=3, ``adaptive_k``, eager) in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
-its runner's ``_plan``, ``StepTimes.observe`` and ``_read_step`` wrapped to record, per step: the batch size, the S
-planned, whether it was an exploration, the step seconds the plan used for each S, the tokens per second it
-predicted for each S, the drafts each row was then sent and the tokens the step committed; and each step-time
-measurement taken (batch, S, seconds). Each batch size runs a short pass (48 tokens a request, as the benchmark
-tables) and a long one (256).
+One engine (the fixture pair, K=3, ``adaptive_k``, compiled; ``--eager`` for eager) in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), its runner's ``_plan``, ``StepTimes.observe`` and ``_read_step`` wrapped to
+record, per step: the batch size, the S planned, whether it was an exploration, the step seconds the plan used for
+each S, the tokens per second it predicted for each S, the drafts each row was then sent and the tokens the step
+committed; and each step-time measurement taken (batch, S, seconds). Greedy, ``ignore_eos``; batch 1 runs a short
+pass (48 tokens a request, as the older benchmark tables) and a long one (256), batch 8 a long one, batch 32 both.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 
 FIXTURE = Path("fixtures/gemma4-tiny")
 OUT = Path("/tmp")  # the trace is about 0.6 MB; the finding is benchmarks/results/adaptive/diagnosis.md
-PASSES = [(1, 48), (1, 256), (32, 48), (32, 256)]  # (batch, max_tokens)
+PASSES = [(1, 48), (1, 256), (8, 256), (32, 48), (32, 256)]  # (batch, max_tokens)
+EAGER = "--eager" in sys.argv  # compiled by default, as served
 
 
 def main() -> None:
@@ -37,20 +38,23 @@ def main() -> None:
     plan, observe, read = fused.FusedStepMixin._plan, cost.StepTimes.observe, fused.FusedStepMixin._read_step
 
     def traced_plan(self, req_ids):
+        exploring = self.planner._exploring is not None
         result = plan(self, req_ids)
-        times = self.times_in_use[cost.batch_bucket(len(req_ids))]
+        sampled = not self.input_batch.sampling_metadata.all_greedy
+        times = self.times_in_use[int(sampled), cost.batch_bucket(len(req_ids))]
         survival = self.tracker.survival(req_ids)
-        tokens = len(req_ids) + survival.sum(dim=0).cumsum(0)
-        predicted = [len(req_ids) / float(times[0])] + [float(t / s) for t, s in zip(tokens, times[1:-1])]
-        trace["plans"].append({"rows": len(req_ids), "steps": result.steps, "exploring": self._exploring is not None
-                               or (self.plans % fused.EXPLORE_EVERY == 0), "times": times.tolist(),
+        k = self.num_spec_tokens
+        predicted = ([] if times[: k + 1].isnan().any()
+                     else cost.expected_rates(survival.numpy(), times[: k + 1].tolist()))
+        trace["plans"].append({"rows": len(req_ids), "steps": result.steps, "exploring": exploring
+                               or self.planner._exploring is not None, "times": times.tolist(),
                                "predicted_tokens_per_s": predicted, "counts": result.counts.tolist(),
                                "survival_mean": survival.mean(dim=0).tolist()})
         return result
 
-    def traced_observe(self, rows, steps, seconds):
-        trace["measured"].append({"rows": rows, "steps": steps, "seconds": seconds})
-        return observe(self, rows, steps, seconds)
+    def traced_observe(self, sampled, rows, steps, seconds):
+        trace["measured"].append({"rows": rows, "steps": steps, "seconds": seconds, "sampled": sampled})
+        return observe(self, sampled, rows, steps, seconds)
 
     def traced_read(self, sampled, drafts, choice):
         out = read(self, sampled, drafts, choice)
@@ -65,14 +69,14 @@ def main() -> None:
     prompts = json.loads((FIXTURE / "held_out_prompts.json").read_text())
     spec = {"method": "mtp", "model": str(FIXTURE / "assistant"), "num_speculative_tokens": 3,
             "vllm_mtp_gemma4": {"adaptive_k": True}}
-    llm = LLM(model=str(FIXTURE / "target"), dtype="float32", enforce_eager=True, max_model_len=2048,
+    llm = LLM(model=str(FIXTURE / "target"), dtype="float32", enforce_eager=EAGER, max_model_len=2048,
               gpu_memory_utilization=0.2, seed=0, speculative_config=spec, max_num_seqs=32)
     passes = []
     for batch, max_tokens in PASSES:
         marks = {k: len(v) for k, v in trace.items()}
         begin = time.perf_counter()
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        groups = [[p] for p in prompts[:8]] if batch == 1 else [prompts[:batch]]  # batch 1: one request at a time
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        groups = [[p] for p in prompts[:8]] if batch == 1 else [prompts[:batch]]  # batch 1: one at a time
         outputs = [o for group in groups for o in llm.generate(group, params, use_tqdm=False)]
         seconds = time.perf_counter() - begin
         passes.append({"batch": batch, "max_tokens": max_tokens, "seconds": seconds,
@@ -114,7 +118,7 @@ def summarize(trace: dict) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--summary":
+    if "--summary" in sys.argv:
         summarize(json.loads((OUT / "adaptive_trace.json").read_text()))
     else:
         main()

@@ -73,9 +73,9 @@ def _method_ks(parser: argparse.ArgumentParser, values: list[str], methods: list
                ks: list[int]) -> dict[str, list[int]]:
     chosen = {}
     for value in values:
-        name, _, ks = value.partition("=")
+        name, _, listed = value.partition("=")
         try:
-            chosen[name] = _list(int)(ks)
+            chosen[name] = _list(int)(listed)
         except ValueError:
             chosen[name] = []
         if name not in methods or not METHODS[name].speculative or not chosen[name] or set(chosen[name]) - set(ks):
