@@ -14,8 +14,9 @@ benchmarks only) at the per-position *unconditional* rates published for Gemma 4
 A real-width engine takes 8+ GB, so engines run one at a time, in the order plain, fixed K ascending, adaptive
 (not interleaved: each ratio divides passes of engines measured minutes apart; ``--rounds`` repeats the whole
 order to show the drift). Each engine: bf16, compiled, 1 GiB of KV, 48-token random prompts, ``max_tokens``
-generated per request with ``ignore_eos``. A step's time at S drafts is the pass's seconds over its steps (plain:
-tokens / b; speculative: the drafting steps vLLM counted / b), at full batch.
+generated per request with ``ignore_eos``; a timed pass is one batch (batch 1: four requests in turn). A step's
+time at S drafts is the pass's seconds over its steps (plain: tokens / b; fixed K: the drafting steps vLLM counted
+/ b), at full batch; adaptive K's column is seconds over its drafting steps only, so it is not a step time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ PAIRS = Path("~/.cache/vllm-mtp-gemma4/real-widths").expanduser()
 # Unconditional per-position acceptance, Gemma 4 26B-A4B, K=4 (issue 25).
 PUBLISHED_RATES = [0.844, 0.599, 0.385, 0.271]
 PROMPT_LEN = 48
+WARMUP_TOKENS = 16  # a served engine has measured its step times long before; so has each engine here
+SMALLEST_PASS = 4  # requests a timed pass runs at least (batch 1: four in turn)
 
 
 def prompts(count: int, seed: int = 0) -> list[list[int]]:
@@ -72,7 +75,7 @@ def main() -> None:
     pair = PAIRS / args.model
     out = args.out / args.model
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    texts = prompts(max(batches))
+    texts = prompts(max(*batches, SMALLEST_PASS))
     started, passes, engines = time.perf_counter(), [], []
     for round_ in range(args.rounds):
         for name, k, section in methods(ks):
@@ -80,13 +83,14 @@ def main() -> None:
             log = out / "logs" / f"{name.replace(' ', '-').replace('=', '')}-r{round_}.log"
             with EngineWorker(engine_args(pair, k, section, args.max_tokens), log, plugins=k is not None,
                               env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=1800) as worker:
-                for batch in batches:  # untimed: compiles and first calls of each shape
-                    worker.generate(texts[:batch], {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True}, batch)
+                for batch in batches:  # untimed: compiles, first calls of each shape, adaptive K's first plans
+                    worker.generate(texts[:batch], {"temperature": 0.0, "max_tokens": WARMUP_TOKENS,
+                                                    "ignore_eos": True}, batch)
                 engines.append({"method": name, "round": round_, "start_seconds": round(time.perf_counter() - begin)})
                 for batch in batches:
                     sampling = {"temperature": 0.0, "max_tokens": args.max_tokens, "ignore_eos": True,
                                 "detokenize": False}
-                    result = worker.generate(texts[:batch], sampling, batch)
+                    result = worker.generate(texts[:max(batch, SMALLEST_PASS)], sampling, batch)
                     steps = (result.spec.num_drafts if k else result.generated_tokens) / batch
                     passes.append({"method": name, "k": k, "round": round_, "batch": batch,
                                    "seconds": result.seconds, "tokens": result.generated_tokens,
