@@ -31,8 +31,10 @@ V2_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "1", "TRITON_INTERPRET": "1",
 ENGINE = {"model": str(TARGET), "dtype": "float32", "enforce_eager": True, "max_model_len": 2048}
 # Engine jobs run vLLM's engine core in the job's own process (V1 multiprocessing off; at TP=1 the executor is then
 # vLLM's uniprocess one): a start takes about 20 s instead of 45 on 2 cores, most of it importing vLLM once, not
-# three times. Jobs given MULTIPROCESS, servers and TP > 1 keep vLLM's process layout.
-job.DEFAULT_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+# three times. Jobs given MULTIPROCESS, servers and TP > 1 keep vLLM's process layout. In-process, vLLM binds no
+# OpenMP threads (its CPU worker does that in its own process), so torch is held to one thread here: two OpenMP
+# threads on a loaded 2-core machine spin against each other and make steps many times slower.
+job.DEFAULT_ENV.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
 MULTIPROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 
 

@@ -91,8 +91,18 @@ def workload_prompts() -> list[list[int]]:
     return matrix_workload()[0]
 
 
-@pytest.mark.parametrize("assistant", [ASSISTANT, ASSISTANT_CENTROIDS], ids=["plain", "centroids"])
-@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def _matrix() -> list:
+    """Every K with one assistant kind by default, alternating; the other half of the K x assistant cross under
+    ``-m scale`` (each run is a full engine start and workload: CI's time)."""
+    cells = []
+    for i, k in enumerate([1, 2, 3, 5, 8]):
+        for j, (name, assistant) in enumerate((("plain", ASSISTANT), ("centroids", ASSISTANT_CENTROIDS))):
+            marks = () if (i + j) % 2 == 0 else (pytest.mark.scale,)
+            cells.append(pytest.param(k, assistant, id=f"{k}-{name}", marks=marks))
+    return cells
+
+
+@pytest.mark.parametrize(("k", "assistant"), _matrix())
 def test_greedy_identical_to_plain_decoding(k, assistant, workload, plain):
     prompts, sampling = workload
     spec = run_job(Job(engine={**MATRIX_ENGINE, **SMALL_CACHE, "speculative_config": mtp_config(k, assistant)},
