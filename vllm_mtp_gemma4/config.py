@@ -314,12 +314,3 @@ def check_draft_parallelism(spec: dict[str, Any], tensor_parallel_size: int) -> 
             f"--tensor-parallel-size {tensor_parallel_size}; the assistant reads the target's KV shards, so they "
             f"must match (or leave the key out)"
         )
-
-
-def check_logit_bias(logit_bias: dict[int, float] | None, vocab_size: int) -> None:
-    """``logit_bias`` naming tokens the model does not have: vLLM 0.32 admits them, and the fused step, which applies
-    the bias itself, would index past the vocabulary (vLLM itself clamps the values to OpenAI's [-100, 100])."""
-    outside = sorted(t for t in (logit_bias or {}) if not 0 <= t < vocab_size)
-    if outside:
-        raise MTPConfigError(f"logit_bias: {len(outside)} token id(s) outside the vocabulary (0..{vocab_size - 1}), "
-                             f"first {outside[0]}")

@@ -21,7 +21,6 @@ from vllm_mtp_gemma4.config import (
     PluginConfig,
     check_draft_cap,
     check_draft_parallelism,
-    check_logit_bias,
     check_pair,
     check_request_options,
     check_target,
@@ -350,7 +349,8 @@ _FUSED_ADMISSION: contextvars.ContextVar[bool] = contextvars.ContextVar("mtp_gem
 def _validate_requests() -> None:
     """Per-request plugin options (``extra_args`` / ``vllm_xargs``) are checked at admission: a 400, not a crash.
 
-    So, for the fused step, which applies ``logit_bias`` itself, are its token ids (vLLM 0.32 leaves them open).
+    ``logit_bias`` token ids outside the vocabulary are vLLM's own check (``SamplingParams.verify``), which runs
+    for the fused step too.
 
     ``InputProcessor._validate_params`` runs in the front end for ``LLM`` and the OpenAI server alike; its
     ``VLLMValidationError`` becomes an HTTP 400 naming the parameter. The fused step applies ``min_p`` and
@@ -386,8 +386,6 @@ def _validate_requests() -> None:
             check_draft_cap(params.extra_args, None if config.fused else
                             "not available on Model Runner V2" if self.vllm_config.use_v2_model_runner else
                             "this server runs Model Runner V1 without the fused step (fused: false)")
-            if config.fused:
-                check_logit_bias(params.logit_bias, self.model_config.get_vocab_size())
         except MTPConfigError as e:
             field = str(e).split(":", 1)[0]
             raise VLLMValidationError(str(e), parameter=field, value=None) from None

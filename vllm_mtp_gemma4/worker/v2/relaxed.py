@@ -12,7 +12,8 @@ Per step it reads, for the relaxed requests only: the tokens committed since the
 their rows' ids, and their flagged rows' logits, ``ops.row_chunk`` rows at a time. Per-request settings live in
 V2's host-staged buffers, uploaded on steps that admit a request. Forced logits would show in processed logprobs,
 a returned sampling mask or another verification method, so the plugin does not register this processor with
-those (``patches._fit_to_runner``).
+those (``patches._fit_to_runner``). Requests' relaxed options are checked at admission for both runners, in one
+place (``patches._validate_requests``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
 )
 
 from vllm_mtp_gemma4.config import (
-    MTPConfigError,
     PluginConfig,
-    check_request_options,
     strict_token_ids,
     thinking_marker_ids,
 )
@@ -76,13 +75,6 @@ class RelaxedAcceptanceProcessor(LogitsProcessor):
         logger.info("vllm-mtp-gemma4: relaxed acceptance on Model Runner V2 (thinking markers %s/%s; strict-only: "
                     "the closing marker and each request's stop ids, at least %s)", self.open_id, self.close_id,
                     self.base_strict_ids)
-
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        try:
-            check_request_options(sampling_params.extra_args, relaxed_unavailable=None)
-        except MTPConfigError as e:
-            raise ValueError(str(e)) from None
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         settings, opted_in = self.config.relaxed_for_request(sampling_params.extra_args)
