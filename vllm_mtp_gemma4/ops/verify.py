@@ -5,7 +5,9 @@ the row stopped there); ``resolve`` then stops each row at its first failure or 
 the per-position form lets relaxed acceptance replace the strict rule position by position.
 
 Shapes: target logits/probs [B, K+1, V], drafts [B, K], num_drafts [B] (0 for prefill rows, which forces
-acceptance to 0). Slots j >= num_drafts may hold anything.
+acceptance to 0). Slots j >= num_drafts may hold anything. With ``rows`` [B, K+1], the target logits are vLLM's
+flat [N, V] instead, slot j of row b at rows[b, j] (``head_indices``): they are then read a chunk of rows at a time
+and never gathered into a [B, K+1, V] copy.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .relaxed import relaxed_accepts, strict_only
-from .sampling import SamplingTensors, process_logits, sample_from_probs, uniform_noise
+from .sampling import SamplingTensors, draw_tokens, uniform_noise
 
 
 class Verdict(NamedTuple):
@@ -31,22 +33,23 @@ class Verification(NamedTuple):
     bonus: Tensor  # [B] the token after K accepted drafts
 
 
-def greedy_verdict(target_logits: Tensor, drafts: Tensor) -> Verdict:
+def greedy_verdict(target_logits: Tensor, drafts: Tensor, rows: Tensor | None = None) -> Verdict:
     """Accept while the draft is the argmax (first index on ties); emit the argmax."""
     top1 = target_logits.argmax(-1)
+    if rows is not None:
+        top1 = top1[rows]
     return Verdict(drafts == top1[:, :-1], top1)
 
 
-def sampled_verdict(target_probs: Tensor, drafts: Tensor, uniforms: Tensor) -> Verdict:
+def sampled_verdict(draws: Tensor, drafts: Tensor) -> Verdict:
     """Lossless for point-mass drafts (argmax drafting): one draw per position from p~, accept iff it equals d.
 
     P(accept d) = p~(d). On rejection the emitted token is the draw itself, which is then distributed as p~ given
     != d. That is exactly the speculative-sampling residual for a point mass q = 1[d]:
     max(p~ - q, 0) / Z = p~ * 1[!= d] / (1 - p~(d)). So P(emit x) = p~(x) for every x, and later positions are
-    drawn from their own p~, conditional on the accepted prefix. target_probs is ``process_logits``' output;
-    uniforms[B, K+1] come from ``uniform_noise``.
+    drawn from their own p~, conditional on the accepted prefix. draws[B, K+1] are ``sample_from_probs`` of
+    ``process_logits``' p~ with uniforms from ``uniform_noise`` (``draw_tokens`` does both, in chunks).
     """
-    draws = sample_from_probs(target_probs, uniforms)
     return Verdict(drafts == draws[:, :-1], draws)
 
 
@@ -59,6 +62,7 @@ def relaxed_verdict(
     delta: Tensor,
     strict: Verdict,
     strict_ids: Tensor,
+    rows: Tensor | None = None,
 ) -> Verdict:
     """At flagged positions (in_thinking[B, K]) accept what ``strict`` accepts or the relaxed rule does
     (``relaxed.relaxed_accepts``; ``strict_ids`` only strictly: [S] for every row, or [B, S] per row, padded with
@@ -70,7 +74,8 @@ def relaxed_verdict(
     else:
         strict_drafts = strict_only(drafts, strict_ids)
     flagged = in_thinking & has_draft & ~strict_drafts
-    relaxed, _ = relaxed_accepts(target_logits[:, :-1], drafts, topk[:, None], delta[:, None])
+    logits, rows = _flat_rows(target_logits, rows)
+    relaxed, _ = relaxed_accepts(logits, drafts, topk[:, None], delta[:, None], rows=rows[:, :-1].reshape(-1))
     return Verdict(strict.accept | (flagged & relaxed), strict.emit)
 
 
@@ -89,9 +94,18 @@ def next_tokens(verification: Verification) -> Tensor:
 
 
 def verify_greedy(target_logits: Tensor, drafts: Tensor, num_drafts: Tensor,
-                  synthetic: Synthetic | None = None) -> Verification:
+                  synthetic: Synthetic | None = None, rows: Tensor | None = None) -> Verification:
     """Greedy rows: accept while d == argmax (with ``synthetic``, at its rates instead)."""
-    return resolve(synthetic_verdict(greedy_verdict(target_logits, drafts), synthetic), num_drafts)
+    return resolve(synthetic_verdict(greedy_verdict(target_logits, drafts, rows), synthetic), num_drafts)
+
+
+def _flat_rows(target_logits: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(logits[N, V], rows[B, K+1]) for either layout of the target logits (module docstring)."""
+    if rows is not None:
+        return target_logits, rows
+    batch, width, vocab = target_logits.shape
+    index = torch.arange(batch * width, device=target_logits.device).view(batch, width)
+    return target_logits.reshape(-1, vocab), index
 
 
 class Synthetic(NamedTuple):
@@ -138,6 +152,7 @@ def verify_step(
     relaxed: RelaxedInputs | None = None,
     max_top_k: int | None = None,
     synthetic: Synthetic | None = None,
+    rows: Tensor | None = None,
 ) -> Verification:
     """The whole verification of one step, greedy and sampled rows together, for argmax drafts.
 
@@ -147,15 +162,23 @@ def verify_step(
     ``relaxed``, relaxed acceptance applies at its flagged positions (in_thinking[B, K]) of its rows (rows[B]);
     None means no row is relaxed.
     ``max_top_k`` is ``process_logits``'. ``synthetic`` replaces every accept test (``synthetic_verdict``).
+    ``rows``: the flat layout (module docstring). p~ is made and drawn from ``draw_chunk(V)`` positions at a time
+    (``draw_tokens``), so no temporary grows with B x K x V.
     """
-    probs = process_logits(target_logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
-                           max_top_k)
-    uniforms = torch.as_tensor(uniform_noise(sampling.seed, positions)).to(probs.device, non_blocking=True)
-    verdict = sampled_verdict(probs, drafts, uniforms)
+    logits, rows = _flat_rows(target_logits, rows)
+    batch, width = rows.shape
+
+    def per_slot(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[:, None].expand(batch, width).reshape(-1)
+
+    uniforms = torch.as_tensor(uniform_noise(sampling.seed, positions)).to(logits.device, non_blocking=True)
+    draws = draw_tokens(logits, rows.reshape(-1), per_slot(sampling.temperature), per_slot(sampling.top_k),
+                        per_slot(sampling.top_p), per_slot(sampling.min_p), uniforms.reshape(-1), max_top_k)
+    verdict = sampled_verdict(draws.view(batch, width), drafts)
     if relaxed is not None:
         flagged = relaxed.in_thinking & relaxed.rows[:, None]
-        verdict = relaxed_verdict(target_logits, drafts, num_drafts, flagged, relaxed.topk, relaxed.delta, verdict,
-                                  relaxed.strict_ids)
+        verdict = relaxed_verdict(logits, drafts, num_drafts, flagged, relaxed.topk, relaxed.delta, verdict,
+                                  relaxed.strict_ids, rows)
     return resolve(synthetic_verdict(verdict, synthetic), num_drafts)
 
 

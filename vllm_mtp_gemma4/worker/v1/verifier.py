@@ -105,7 +105,6 @@ class StepVerifier(RejectionSampler):
         processed = self.apply_logits_processors(
             scores, replace(sampling_metadata, spec_token_ids=spec_with_bonus), with_bonus)
 
-        target = processed[heads]
         flat_drafts = F.pad(metadata.draft_token_ids, (0, 1))
         drafts = flat_drafts[head_indices(F.pad(metadata.cu_num_draft_tokens, (1, 0)), k)].long()
         positions = first_position[:, None] + np.arange(k + 1)
@@ -115,7 +114,7 @@ class StepVerifier(RejectionSampler):
                                   self.synthetic_rates)
 
         if sampling_metadata.all_greedy and not rows.any_relaxed:
-            verification = verify_greedy(target, drafts, num_drafts, synthetic)
+            verification = verify_greedy(processed, drafts, num_drafts, synthetic, rows=heads)
         else:
             temperature = sampling_metadata.temperature
             if temperature is None:
@@ -126,8 +125,8 @@ class StepVerifier(RejectionSampler):
             if rows.any_relaxed:
                 relaxed = RelaxedInputs(self._thinking(rows, drafts), rows.relaxed, rows.topk, rows.delta,
                                         rows.strict_ids)
-            verification = verify_step(target, drafts, num_drafts, sampling, positions, relaxed, rows.max_top_k,
-                                       synthetic)
+            verification = verify_step(processed, drafts, num_drafts, sampling, positions, relaxed, rows.max_top_k,
+                                       synthetic, rows=heads)
         sampled = accepted_rows(drafts, verification).to(torch.int32)
 
         logprobs = None
