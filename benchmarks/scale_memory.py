@@ -1,10 +1,13 @@
 """Memory at Gemma 4's vocabulary: peak resident memory and KV blocks, the plugin against upstream vLLM.
 
-    python benchmarks/scale_memory.py      # about 15 minutes on 2 CPU cores; writes benchmarks/results/scale/
+    python benchmarks/scale_memory.py [--k 3 4]   # about 10 minutes an engine on 2 CPU cores
 
-The E2B pair at its published widths (``tools/build_real_widths.py``: V = 262,144, hidden 1,536, centroid
-assistant), bf16 (as users run it; fp32 doubles the weights on a shared machine), eager, at most 32 sequences.
-For K = 3 and 4, one engine with the plugin and one with upstream's Gemma 4 MTP (plugins off), one at a time.
+The E2B target at its published widths (``tools/build_real_widths.py``: V = 262,144, hidden 1,536) with its
+assistant at its published widths but a dense head (``assistant-dense``: upstream vLLM 0.32 cannot start the
+centroid head on CPU, it captures CUDA graphs for it), bf16 (as users run it; fp32 doubles the weights on a shared
+machine), eager, at most 32 sequences. For each K, one engine with the plugin and one with upstream's Gemma 4 MTP
+(plugins off), one at a time. Results (``memory.json``, ``memory.md`` in benchmarks/results/scale/) are rewritten
+after every engine, so a stopped run keeps what it measured.
 Each engine runs, in this order, passes at b = 1 and b = 32 (32 prompts of 48 token ids,
 16 new tokens each, in generate calls of b), greedy then sampled (T = 0.8, seeded); after each pass the high-water
 resident memory of the engine's processes (``VmHWM``, summed) is read. The peak can only grow, so each pass's
@@ -14,6 +17,7 @@ allocated (``VLLM_CPU_KVCACHE_SPACE=1`` for both: the plugin keeps no KV of its 
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -30,18 +34,24 @@ PROMPTS, PROMPT_LEN, TOKENS = 32, 48, 16
 
 
 def main() -> None:
-    from build_real_widths import build
+    from build_real_widths import build, build_dense_assistant
 
     from vllm_mtp_gemma4.bench.job import EngineWorker
 
-    pair = build("e2b", Path("~/.cache/vllm-mtp-gemma4/real-widths").expanduser())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--k", type=int, nargs="+", default=[3, 4])
+    args = parser.parse_args()
+    root = Path("~/.cache/vllm-mtp-gemma4/real-widths").expanduser()
+    pair = build("e2b", root)
+    assistant = build_dense_assistant("e2b", root)
     gen = torch.Generator().manual_seed(0)
     prompts = [[2] + torch.randint(1000, 250_000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(PROMPTS)]
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
-    for k in (3, 4):
+    command = "python benchmarks/scale_memory.py" + (f" --k {' '.join(map(str, args.k))}" if args.k != [3, 4] else "")
+    for k in args.k:
         for plugins in (True, False):
-            spec = {"method": "mtp", "model": str(pair / "assistant"), "num_speculative_tokens": k}
+            spec = {"method": "mtp", "model": str(assistant), "num_speculative_tokens": k}
             if plugins:
                 spec["vllm_mtp_gemma4"] = {}
             engine = {"model": str(pair / "target"), "dtype": "bfloat16", "enforce_eager": True,
@@ -61,12 +71,26 @@ def main() -> None:
                                  "tokens": result.generated_tokens})
                     previous = result.peak_rss_bytes
                     print(json.dumps(rows[-1]), flush=True)
+            write(rows, command)
+
+
+def write(rows: list[dict], command: str) -> None:
+    model = ("E2B published widths (tools/build_real_widths.py), dense-head assistant, bf16, eager, V = 262,144, "
+             "max_num_seqs 32, VLLM_CPU_KVCACHE_SPACE=1")
     (OUT / "memory.json").write_text(json.dumps({
-        "command": "python benchmarks/scale_memory.py",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "model": "E2B published widths (tools/build_real_widths.py), bf16, eager, V = 262,144, max_num_seqs 32",
-        "rows": rows}, indent=1) + "\n")
+        "model": model, "rows": rows}, indent=1) + "\n")
+    lines = ["# Memory at V = 262,144: the plugin against upstream vLLM", "", f"`{command}`: {model}. Peak resident "
+             "memory is the engine's processes' high-water marks summed, read after each pass in this order; growth "
+             "is over the previous pass of the same engine.", "",
+             "| engine | pass | KV blocks | peak RSS (GiB) | growth (GiB) |", "|---|---|---|---|---|"]
+    for r in rows:
+        kind = "greedy" if r["temperature"] == 0.0 else f"T={r['temperature']}"
+        growth = "(start)" if r["growth_gib"] is None else f"{r['growth_gib']:.2f}"
+        lines.append(f"| {r['engine']} | b={r['b']}, {kind} | {r['kv_blocks']:,} | {r['peak_rss_gib']:.2f} | "
+                     f"{growth} |")
+    (OUT / "memory.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,11 @@ scalars, a seeded permutation for the centroid head's token ordering; stored in 
 shards. A word-level tokenizer over the 262,144 ids (tests prompt with token ids). Deterministic; nothing here is
 committed.
 
-    python tools/build_real_widths.py --out ~/.cache/vllm-mtp-gemma4/real-widths [--models e2b e4b 26b-a4b 31b]
+    python tools/build_real_widths.py --out ~/.cache/vllm-mtp-gemma4/real-widths [--models e2b e4b 26b-a4b 31b] \
+        [--dense-assistant]
+
+``--dense-assistant`` adds ``<model>/assistant-dense`` for E2B and E4B: the same assistant with a dense head
+(``use_ordered_embeddings`` off), for upstream vLLM on CPU, which cannot start a centroid head without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -99,8 +103,10 @@ def target_config(name: str) -> Gemma4TextConfig:
                             architectures=["Gemma4ForCausalLM"])
 
 
-def assistant_config(name: str) -> Gemma4AssistantConfig:
+def assistant_config(name: str, centroids: bool | None = None) -> Gemma4AssistantConfig:
+    """The published assistant's config; ``centroids`` False gives the same widths with a dense head."""
     target, widths = TARGETS[name], ASSISTANTS[name]
+    centroids = widths["centroids"] if centroids is None else centroids
     text = {**COMMON, "hidden_size": widths["hidden_size"], "intermediate_size": widths["intermediate_size"],
             "num_attention_heads": widths["num_attention_heads"], "num_hidden_layers": len(ASSISTANT_LAYERS),
             "layer_types": ASSISTANT_LAYERS, "num_kv_shared_layers": len(ASSISTANT_LAYERS),
@@ -108,9 +114,9 @@ def assistant_config(name: str) -> Gemma4AssistantConfig:
             "sliding_window": target["sliding_window"], "max_position_embeddings": target["max_position_embeddings"],
             **{k: target[k] for k in ("num_key_value_heads", "num_global_key_value_heads", "attention_k_eq_v")
                if k in target}}
-    extra = {"num_centroids": 2048, "centroid_intermediate_top_k": 32} if widths["centroids"] else {}
+    extra = {"num_centroids": 2048, "centroid_intermediate_top_k": 32} if centroids else {}
     return Gemma4AssistantConfig(text_config=text, backbone_hidden_size=target["hidden_size"],
-                                 use_ordered_embeddings=widths["centroids"], tie_word_embeddings=True,
+                                 use_ordered_embeddings=centroids, tie_word_embeddings=True,
                                  architectures=["Gemma4AssistantForCausalLM"], **extra)
 
 
@@ -185,14 +191,34 @@ def build(name: str, root: Path, seed: int = 1234) -> Path:
     return out
 
 
+def build_dense_assistant(name: str, root: Path, seed: int = 1234) -> Path:
+    """``root/name/assistant-dense``: the assistant at the same widths, dense head (``use_ordered_embeddings``
+    off), every tensor they share equal to the centroid assistant's (same seed and names). Upstream vLLM 0.32 can
+    only start a centroid assistant with CUDA graphs, so this is what it runs on CPU against the plugin."""
+    if not ASSISTANTS[name]["centroids"]:
+        raise ValueError(f"{name}: its assistant is dense already")
+    out = root / name / "assistant-dense"
+    key = hashlib.sha256(json.dumps([TARGETS[name], ASSISTANTS[name], COMMON, seed, "dense"],
+                                    sort_keys=True).encode())
+    stamp = out / f".built-{key.hexdigest()[:16]}"
+    if not stamp.exists():
+        count = write_model(Gemma4AssistantForCausalLM, assistant_config(name, centroids=False), out, seed + 1)
+        stamp.write_text(json.dumps({"assistant": count}) + "\n")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", nargs="+", choices=sorted(TARGETS), default=sorted(TARGETS))
+    parser.add_argument("--dense-assistant", action="store_true",
+                        help="also a dense-head copy of each centroid assistant (E2B, E4B): <model>/assistant-dense")
     args = parser.parse_args()
     torch.set_num_threads(2)
     for name in args.models:
         print(name, build(name, args.out.expanduser()))
+        if args.dense_assistant and ASSISTANTS[name]["centroids"]:
+            print(name, build_dense_assistant(name, args.out.expanduser()))
 
 
 if __name__ == "__main__":
