@@ -1,13 +1,14 @@
 """What adaptive K plans against what it then measures, step by step, at batch 1, 8 and 32 (issue 25 point 1).
 
-    python benchmarks/adaptive_trace.py [--eager]   # prints a summary; the whole trace: /tmp/adaptive_trace.json
+    python benchmarks/adaptive_trace.py [--eager] [--sampled]   # summary; the whole trace: /tmp/adaptive_trace.json
 
 One engine (the fixture pair, K=3, ``adaptive_k``, compiled; ``--eager`` for eager) in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), its runner's ``_plan``, ``StepTimes.observe`` and ``_read_step`` wrapped to
 record, per step: the batch size, the S planned, whether it was an exploration, the step seconds the plan used for
 each S, the tokens per second it predicted for each S, the drafts each row was then sent and the tokens the step
-committed; and each step-time measurement taken (batch, S, seconds). Greedy, ``ignore_eos``; batch 1 runs a short
-pass (48 tokens a request, as the older benchmark tables) and a long one (256), batch 8 a long one, batch 32 both.
+committed; and each step-time measurement taken (batch, S, seconds). Greedy (``--sampled``: T=0.8),
+``ignore_eos``; batch 1 runs a short pass (48 tokens a request) and a long one (256), batch 8 a long one, batch 32
+both.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ FIXTURE = Path("fixtures/gemma4-tiny")
 OUT = Path("/tmp")  # the trace is about 0.6 MB; the finding is benchmarks/results/adaptive/diagnosis.md
 PASSES = [(1, 48), (1, 256), (8, 256), (32, 48), (32, 256)]  # (batch, max_tokens)
 EAGER = "--eager" in sys.argv  # compiled by default, as served
+TEMPERATURE = 0.8 if "--sampled" in sys.argv else 0.0
 
 
 def main() -> None:
@@ -75,7 +77,7 @@ def main() -> None:
     for batch, max_tokens in PASSES:
         marks = {k: len(v) for k, v in trace.items()}
         begin = time.perf_counter()
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=TEMPERATURE, max_tokens=max_tokens, ignore_eos=True)
         groups = [[p] for p in prompts[:8]] if batch == 1 else [prompts[:batch]]  # batch 1: one at a time
         outputs = [o for group in groups for o in llm.generate(group, params, use_tqdm=False)]
         seconds = time.perf_counter() - begin

@@ -4,8 +4,9 @@ measurably costs and what each draft is worth.
 - **Cost.** ``StepTimes`` keeps, per sampling regime (every row greedy, or not), batch-size bucket (1, 2, 3-4, 5-8,
   ... rows) and number of draft steps S, the last ``WINDOW`` seconds a steady step took end to end (scheduler,
   target, verification, drafting, output processing): a step that runs S draft steps and verifies what a step at
-  the same S sent. Its estimate is their lower quartile (``QUANTILE``): another process only ever slows a step, so
-  even a window where most steps stalled does not move it. It is a
+  the same S sent. Its estimate is the fastest of them: another process, or a shape's first call (compilation,
+  first allocations), only ever slows a step, so neither a stall nor a window of them moves it, and a cell whose
+  first samples were first calls is right again at its next ordinary one. It is a
   measurement, not a model of how time grows, so it holds whatever the machine and the context lengths of the
   moment make it.
 - **Own ends first.** A (regime, bucket) measures its own S = K and S = 0 (``OWN_SAMPLES`` each) before it plans
@@ -36,8 +37,7 @@ from torch import Tensor
 
 NUM_BUCKETS = 16  # up to 2**15 rows
 REGIMES = 2  # 0: every row greedy; 1: some row sampled (verification and acceptance differ)
-WINDOW = 9  # step times kept per cell
-QUANTILE = 0.25  # the estimate: their lower quartile (stalls only add time)
+WINDOW = 9  # step times kept per cell; the estimate is the fastest of them (stalls only add time)
 OWN_SAMPLES = 3  # a (regime, bucket)'s own S = 0 and S = K measurements before it plans
 HYSTERESIS = 0.03  # another S must promise this much more than the one in use to replace it
 EXPLORE_EVERY = 32  # plans of a (regime, bucket) between re-measurements of another S
@@ -78,14 +78,8 @@ class StepTimes:
         where no draft step was measured; the S in between, where not measured, from the nearest fully measured
         bucket's shape (same regime first), else linear between the ends."""
         k = self.max_steps
-        # The QUANTILE of each cell's samples (NaN sorts last), interpolated as torch.nanquantile does, but a sort
-        # and a gather instead of its per-cell work: this runs every REFRESH_STEPS steps.
-        ordered = self.samples.sort(dim=-1).values
-        position = QUANTILE * (self.counts.clamp(max=self.window) - 1).clamp(min=0).double()
-        low = position.floor().long()
-        below = ordered.gather(-1, low[..., None])[..., 0]
-        above = ordered.gather(-1, (low + 1).clamp(max=self.window - 1)[..., None])[..., 0]
-        times = below + (position - low) * torch.where(position > low, above - below, 0.0)  # NaN where no sample
+        # The fastest of each cell's samples (NaN sorts last, so NaN only where there is none).
+        times = self.samples.sort(dim=-1).values[..., 0]
         steps = times[..., : k + 1]
         own = (self.counts[..., 0] >= OWN_SAMPLES) & (self.counts[..., k] >= OWN_SAMPLES)
         complete = [tuple(c) for c in (own & (self.counts[..., : k + 1] > 0).all(dim=-1)).nonzero().tolist()]
