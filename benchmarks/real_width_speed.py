@@ -100,13 +100,19 @@ def main() -> None:
                                    if result.spec.num_drafts else None,
                                    "peak_rss_gib": result.peak_rss_bytes / 2**30})
                     print(json.dumps(passes[-1]), flush=True)
+            write(out, args, started, engines, passes, batches)  # after each engine: a stopped run keeps its part
+    print(write(out, args, started, engines, passes, batches))
+
+
+def write(out: Path, args: argparse.Namespace, started: float, engines: list, passes: list, batches: list[int]) -> str:
     results = {"command": "python benchmarks/real_width_speed.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "machine": machine_info(),
         "rates": PUBLISHED_RATES, "wall_seconds": round(time.perf_counter() - started), "engines": engines,
         "passes": passes}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "summary.md").write_text(summary(results, batches))
-    print(summary(results, batches))
+    text = summary(results, batches)
+    (out / "summary.md").write_text(text)
+    return text
 
 
 def summary(results: dict, batches: list[int]) -> str:
