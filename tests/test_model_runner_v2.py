@@ -29,7 +29,16 @@ from vllm_mtp_gemma4.config import THINKING_CLOSE, THINKING_OPEN
 from vllm_mtp_gemma4.ops import thinking_after
 from vllm_mtp_gemma4.worker.v2 import RELAXED_PROCESSOR
 
-from .conftest import ASSISTANT_CENTROIDS, ENGINE, TARGET, THINKING_TOKENS, V2_ENV, mtp_config, thinking_prompts
+from .conftest import (
+    ASSISTANT_CENTROIDS,
+    ENGINE,
+    MULTIPROCESS,
+    TARGET,
+    THINKING_TOKENS,
+    V2_ENV,
+    mtp_config,
+    thinking_prompts,
+)
 from .relaxed_rule import assert_tokens_obey_the_rule, score
 
 pytestmark = pytest.mark.engine
@@ -257,7 +266,7 @@ def test_v2_tp2_greedy_is_token_identical_with_the_local_argmax(held_out_prompts
     result = run_job(Job(engine={**ENGINE, "speculative_config": SPEC, "tensor_parallel_size": 2,
                                  "distributed_executor_backend": "mp"},
                          prompts=held_out_prompts[:4], sampling={"temperature": 0.0, "max_tokens": 32},
-                         env={**V2_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}))
+                         env={**V2_ENV, **MULTIPROCESS, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}))
     assert "Using V2 Model Runner" in result.log and "draft argmax: vocab-parallel local" in result.log
     assert "Using local argmax reduction for draft token generation" in result.log
     assert result.token_ids == [t[:32] for t in plain_greedy.token_ids[:4]]

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import pytest
 
+from vllm_mtp_gemma4.bench import job
 from vllm_mtp_gemma4.bench.job import Job, JobFailed, JobResult, first_error, run_job
 from vllm_mtp_gemma4.worker.ray_cpu import RAY_CPU_RESOURCE
 
-from .conftest import ASSISTANT, ASSISTANT_CENTROIDS, ENGINE, REPO, V2_ENV, mtp_config
+from .conftest import ASSISTANT, ASSISTANT_CENTROIDS, ENGINE, MULTIPROCESS, REPO, V2_ENV, mtp_config
 from .ray_cluster import ISOLATED, RAY_PORT, WORKER_IP, RayCluster, TwoNodes
 
 pytestmark = pytest.mark.engine
@@ -42,6 +43,15 @@ FAULT_REPORT_S = 60  # a dead Ray worker must fail the engine within this
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank; vLLM's CPU TP needs an explicit binding
 RAY_HOME = Path.home() / ".ray"
 RAY_TOKEN = RAY_HOME / "auth_token"  # where Ray reads a token from by default, and writes one for a local instance
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_process_layout():
+    """This module's engines run in vLLM's own processes (an engine core process, then the ranks), as users run TP,
+    not in the job's process as other tests' engines do (``tests/conftest.py``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(job, "DEFAULT_ENV", {**job.DEFAULT_ENV, **MULTIPROCESS})
+        yield
 
 
 def _workload(prompts: list[str]) -> tuple[list[str], list[dict]]:
