@@ -165,10 +165,16 @@ def test_draft_tensor_parallel_size_must_match_the_target():
         check_draft_parallelism({"draft_tensor_parallel_size": 1}, 2)
 
 
+# Each case is a `vllm serve` process (about 15 s). By default one per place that refuses; the others' checks are
+# also tested above through vLLM's config building, and run here under -m scale.
+SERVE_CASES = ["unknown key", "malformed JSON", "target not Gemma 4", "async scheduling on V1", "fused on V2",
+               "--spec-* flags"]
+MORE_SERVE_CASES = ["K below 1", "backbone mismatch", "relaxed delta out of range", "draft TP mismatch",
+                    "adaptive K on V2"]
+
+
 @pytest.mark.engine
-@pytest.mark.parametrize("case", ["unknown key", "K below 1", "backbone mismatch", "malformed JSON",
-                                  "target not Gemma 4", "relaxed delta out of range", "draft TP mismatch",
-                                  "async scheduling on V1", "adaptive K on V2", "fused on V2", "--spec-* flags"])
+@pytest.mark.parametrize("case", SERVE_CASES + [pytest.param(c, marks=pytest.mark.scale) for c in MORE_SERVE_CASES])
 def test_vllm_serve_exits_with_one_line(case, tmp_path):
     cases = {**bad_cases(tmp_path), "draft TP mismatch": (
         str(TARGET), json.dumps({**GOOD, "draft_tensor_parallel_size": 1, SECTION: {}}),
