@@ -113,6 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--baseline", help="git revision to compare with")
+    parser.add_argument("--keep-baseline", action="store_true",
+                        help="reuse the baseline's rows from the previous results (same revision and shape)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=262_144)
@@ -126,8 +128,14 @@ def main() -> None:
 
     trees = {"this tree": repo}
     results: dict[str, dict[str, dict]] = {}
+    kept = {}
+    if args.keep_baseline:
+        previous = json.loads((args.out / "sampled_memory.json").read_text())
+        assert [previous[x] for x in ("batch", "k", "vocab")] == [args.batch, args.k, args.vocab]
+        kept = {f"baseline {args.baseline}": previous["results"][f"baseline {args.baseline}"]}
+        kept_date = previous.get("baseline_date", previous["date"])
     with tempfile.TemporaryDirectory() as tmp:
-        if args.baseline:
+        if args.baseline and not kept:
             archive = subprocess.run(["git", "archive", args.baseline, "vllm_mtp_gemma4"], cwd=repo,
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
@@ -136,18 +144,23 @@ def main() -> None:
             for name in CONFIGS:
                 results.setdefault(tree, {})[name] = measure(root, args.batch, args.k, args.vocab, name)
                 print(tree, name, json.dumps(results[tree][name]), flush=True)
+    results.update(kept)
+    trees.update({tree: None for tree in kept})
     bound = draw_bound_bytes(args.vocab)
-    command = "python benchmarks/sampled_memory.py" + (f" --baseline {args.baseline}" if args.baseline else "")
+    command = ("python benchmarks/sampled_memory.py" + (f" --baseline {args.baseline}" if args.baseline else "")
+               + (" --keep-baseline" if kept else ""))
     logits_gib = args.batch * (args.k + 1) * args.vocab * 4 / 2**30
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sampled_memory.json").write_text(json.dumps({
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command, "batch": args.batch,
-        "k": args.k, "vocab": args.vocab, "bound_bytes": bound, "results": results}, indent=1) + "\n")
+        "k": args.k, "vocab": args.vocab, "bound_bytes": bound, "results": results,
+        **({"baseline_date": kept_date} if kept else {})}, indent=1) + "\n")
     lines = ["# Memory one V1 verification adds (`FusedStepMixin._sample`)", "",
              f"`{command}`: B = {args.batch}, K = {args.k}, V = {args.vocab:,}, logits [B (K+1), V] float32 "
              f"({logits_gib:.2f} GiB, vLLM's); peak resident memory added by one verification, fresh process, one "
              f"thread. Bound on the chunked path's own temporaries (``ops.sampling.draw_bound_bytes``): "
-             f"{bound / 2**20:.0f} MiB.", "",
+             f"{bound / 2**20:.0f} MiB."
+             + (f" The baseline's rows are from the run of {kept_date} (``--keep-baseline``)." if kept else ""), "",
              "| configuration | " + " | ".join(f"{t} (MiB)" for t in trees) + " |",
              "|---" * (len(trees) + 1) + "|"]
     for name in CONFIGS:

@@ -175,9 +175,10 @@ def _part(x: Tensor | None, part: slice) -> Tensor | None:
     return None if x is None else x[part]
 
 
-DRAW_CHUNK_BYTES = 1 << 24
-"""Bound on one float32 [rows, V] array of a ``draw_tokens`` chunk (16 MiB: 16 rows at V = 262,144). Smaller
-chunks measured no slower on CPU (the rows stay in cache)."""
+DRAW_CHUNK_BYTES = 1 << 25
+"""Bound on one float32 [rows, V] array of a ``draw_tokens`` chunk (32 MiB: 32 rows at V = 262,144). Not smaller:
+glibc serves blocks under 32 MiB from its heap once one was freed, and at 16 MiB the resident set then grew with the
+number of chunks (0.7 GB at B = 256, K = 4) where blocks of 32 MiB go back to the system at once."""
 
 
 def draw_chunk(vocab_size: int) -> int:
