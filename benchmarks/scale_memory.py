@@ -9,7 +9,7 @@ machine), eager, at most 32 sequences. For each K, one engine with the plugin an
 (plugins off), one at a time. Results (``memory.json``, ``memory.md`` in benchmarks/results/scale/) are rewritten
 after every engine, so a stopped run keeps what it measured.
 Each engine runs, in this order, passes at b = 1 and b = 32 (32 prompts of 48 token ids,
-16 new tokens each, in generate calls of b), greedy then sampled (T = 0.8, seeded); after each pass the high-water
+16 new tokens each, in generate calls of b), greedy then sampled (T = 0.8, unseeded); after each pass the high-water
 resident memory of the engine's processes (``VmHWM``, summed) is read. The peak can only grow, so each pass's
 growth over the previous one is what that pass needed beyond everything before it. KV blocks are what the engine
 allocated (``VLLM_CPU_KVCACHE_SPACE=1`` for both: the plugin keeps no KV of its own).
@@ -40,6 +40,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--engines", nargs="+", choices=["plugin", "upstream"], default=["plugin", "upstream"])
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other engines' rows of the last results (a run stopped by the machine)")
     args = parser.parse_args()
     root = Path("~/.cache/vllm-mtp-gemma4/real-widths").expanduser()
     pair = build("e2b", root)
@@ -47,10 +50,14 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = [[2] + torch.randint(1000, 250_000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(PROMPTS)]
     OUT.mkdir(parents=True, exist_ok=True)
-    rows = []
+    names = {f"{e}-k{k}" for e in args.engines for k in args.k}
+    rows = [r for r in json.loads((OUT / "memory.json").read_text())["rows"] if r["engine"] not in names] \
+        if args.append else []
     command = "python benchmarks/scale_memory.py" + (f" --k {' '.join(map(str, args.k))}" if args.k != [3, 4] else "")
+    if args.append:
+        command += f" --engines {' '.join(args.engines)} --append (added to the rows of the run before)"
     for k in args.k:
-        for plugins in (True, False):
+        for plugins in [e == "plugin" for e in args.engines]:
             spec = {"method": "mtp", "model": str(assistant), "num_speculative_tokens": k}
             if plugins:
                 spec["vllm_mtp_gemma4"] = {}
@@ -62,7 +69,9 @@ def main() -> None:
                               timeout=1800) as worker:
                 previous = 0
                 for batch, temperature in PASSES:
-                    sampling = {"temperature": temperature, "seed": 7, "max_tokens": TOKENS, "detokenize": False,
+                    # Unseeded: upstream vLLM 0.32 on CPU dies on a seeded request whose sample a chunked prefill
+                    # discards ("CPU Generator does not use offset"), as at b = 32 here.
+                    sampling = {"temperature": temperature, "max_tokens": TOKENS, "detokenize": False,
                                 "ignore_eos": True}
                     result = worker.generate(prompts[:max(batch, 4)] if batch == 1 else prompts, sampling, batch)
                     rows.append({"engine": name, "k": k, "plugin": plugins, "b": batch, "temperature": temperature,
