@@ -13,10 +13,11 @@ benchmarks only) at the per-position *unconditional* rates published for Gemma 4
 
 A real-width engine takes 8+ GB, so engines run one at a time, in the order plain, fixed K ascending, adaptive
 (not interleaved: each ratio divides passes of engines measured minutes apart; ``--rounds`` repeats the whole
-order to show the drift). Each engine: bf16, compiled, 1 GiB of KV, 48-token random prompts, ``max_tokens``
-generated per request with ``ignore_eos``; a timed pass is one batch (batch 1: four requests in turn). A step's
-time at S drafts is the pass's seconds over its steps (plain: tokens / b; fixed K: the drafting steps vLLM counted
-/ b), at full batch; adaptive K's column is seconds over its drafting steps only, so it is not a step time.
+order to show the drift). Each engine: bf16, compiled (``--eager``: eager), 1 GiB of KV, 48-token random prompts,
+``max_tokens`` generated per request with ``ignore_eos``; a timed pass is one batch (batch 1: four requests in
+turn). A step's time at S drafts is the pass's seconds over its steps (plain: tokens / b; fixed K: the drafting
+steps vLLM counted / b), at full batch; adaptive K's column is seconds over its drafting steps only, so it is not
+a step time.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def methods(ks: list[int]) -> list[tuple[str, int | None, dict | None]]:
             (f"adaptive K={max(ks)}", max(ks), {"adaptive_k": True})]
 
 
-def engine_args(pair: Path, k: int | None, section: dict | None, max_tokens: int) -> dict:
-    engine = {"model": str(pair / "target"), "dtype": "bfloat16", "enforce_eager": False,
+def engine_args(pair: Path, k: int | None, section: dict | None, max_tokens: int, eager: bool) -> dict:
+    engine = {"model": str(pair / "target"), "dtype": "bfloat16", "enforce_eager": eager,
               "max_model_len": PROMPT_LEN + max_tokens + 16, "max_num_seqs": 32, "max_num_batched_tokens": 2048}
     if k is not None:
         engine["speculative_config"] = {
@@ -69,6 +70,10 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=1)
+    # Compiled, the fused runner's engine fails at start with synthetic acceptance on CPU: vLLM's sampler warm-up
+    # (``_dummy_sampler_run``) calls its own rejection sampler, which asserts "Synthetic acceptance not supported
+    # with CPU sampling".
+    parser.add_argument("--eager", action="store_true", help="enforce_eager engines (needed with synthetic on CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/real_width_speed"))
     args = parser.parse_args()
     ks, batches = [int(k) for k in args.ks.split(",")], [int(b) for b in args.batches.split(",")]
@@ -81,7 +86,7 @@ def main() -> None:
         for name, k, section in methods(ks):
             begin = time.perf_counter()
             log = out / "logs" / f"{name.replace(' ', '-').replace('=', '')}-r{round_}.log"
-            with EngineWorker(engine_args(pair, k, section, args.max_tokens), log, plugins=k is not None,
+            with EngineWorker(engine_args(pair, k, section, args.max_tokens, args.eager), log, plugins=k is not None,
                               env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=1800) as worker:
                 for batch in batches:  # untimed: compiles, first calls of each shape, adaptive K's first plans
                     worker.generate(texts[:batch], {"temperature": 0.0, "max_tokens": WARMUP_TOKENS,
