@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from vllm_mtp_gemma4.bench import job
@@ -35,6 +36,9 @@ ENGINE = {"model": str(TARGET), "dtype": "float32", "enforce_eager": True, "max_
 # OpenMP threads (its CPU worker does that in its own process), so torch is held to one thread here: two OpenMP
 # threads on a loaded 2-core machine spin against each other and make steps many times slower.
 job.DEFAULT_ENV.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
+# The same for the tests' own tensor work (Hugging Face generation, ops at real widths): on two threads at a load
+# of 10 to 30, the Hugging Face parity test took 588 s.
+torch.set_num_threads(1)
 MULTIPROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 
 
