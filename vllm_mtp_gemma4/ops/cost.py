@@ -79,7 +79,8 @@ class StepTimes:
         bucket's shape (same regime first), else linear between the ends."""
         k = self.max_steps
         # The fastest of each cell's samples (NaN sorts last, so NaN only where there is none).
-        times = self.samples.sort(dim=-1).values[..., 0]
+        # contiguous: TP ranks broadcast this tensor in place, which a strided view would not receive.
+        times = self.samples.sort(dim=-1).values[..., 0].contiguous()
         steps = times[..., : k + 1]
         own = (self.counts[..., 0] >= OWN_SAMPLES) & (self.counts[..., k] >= OWN_SAMPLES)
         complete = [tuple(c) for c in (own & (self.counts[..., : k + 1] > 0).all(dim=-1)).nonzero().tolist()]
