@@ -47,11 +47,11 @@ def main() -> None:
         survival = self.tracker.survival(req_ids)
         k = self.num_spec_tokens
         predicted = ([] if times[: k + 1].isnan().any()
-                     else cost.expected_rates(survival.numpy(), times[: k + 1].tolist()))
+                     else cost.expected_rates(survival, times[: k + 1].tolist()))
         trace["plans"].append({"rows": len(req_ids), "steps": result.steps, "exploring": exploring
                                or self.planner._exploring is not None, "times": times.tolist(),
                                "predicted_tokens_per_s": predicted, "counts": result.counts.tolist(),
-                               "survival_mean": survival.mean(dim=0).tolist()})
+                               "survival_mean": survival.mean(axis=0).tolist()})
         return result
 
     def traced_observe(self, sampled, rows, steps, seconds):

@@ -31,6 +31,7 @@ from vllm_mtp_gemma4.ops import (
     force_tokens,
     greedy_verdict,
     head_indices,
+    moving_average_in_order,
     next_tokens,
     plan_drafts,
     process_logits,
@@ -972,6 +973,30 @@ def test_calibration_learns_the_assistants_scale_across_confidences():
         ratios.append(calibration.ratio)
     assert abs(sum(ratios[3000:]) / 3000 - 3.0) < 0.2
     assert Calibration(100.0, 1.0).ratio == CALIBRATION_RANGE[1] and Calibration(0.0, 1.0).ratio == 0.25
+
+def test_batch_updates_equal_one_update_at_a_time():
+    """The tracker updates a batch's estimates at once: the engine-wide moving average over masked rows in order,
+    and per-row calibrations where a mask holds, give the numbers of a loop over rows (to rounding)."""
+    gen = torch.Generator().manual_seed(13)
+    samples = torch.rand(7, 3, generator=gen, dtype=torch.float64).numpy()
+    where = (torch.rand(7, 3, generator=gen) < 0.6).numpy()
+    start = np.array([0.8, 0.5, 0.2])
+    looped = start.copy()
+    for row in range(7):
+        for step in range(3):
+            if where[row, step]:
+                looped[step] += 0.02 * (samples[row, step] - looped[step])
+    assert np.allclose(moving_average_in_order(start, samples, where, 0.02), looped, rtol=0, atol=1e-12)
+
+    confidence, accepted = samples, samples > 0.5
+    batch = Calibration(np.full((7, 3), 0.4), np.full((7, 3), 0.1)).update(confidence, accepted, 0.2, where)
+    for row in range(7):
+        for step in range(3):
+            one = Calibration(0.4, 0.1)
+            if where[row, step]:
+                one = one.update(float(confidence[row, step]), bool(accepted[row, step]), 0.2)
+            assert batch.ratio[row, step] == pytest.approx(one.ratio, abs=1e-12)
+
 
 def _vocab_parallel_top1(logits: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``logits`` like a vocab-parallel head (equal padded shards), reduce, and combine in rank order."""

@@ -5,7 +5,7 @@ step cost model.
 Nothing here imports vLLM, so every op runs and is tested alone, on CPU or GPU.
 """
 
-from .adaptive import Calibration, choose_num_drafts, draft_chances, draft_survival
+from .adaptive import Calibration, choose_num_drafts, draft_chances, draft_survival, moving_average_in_order
 from .cost import DraftPlan, Planner, StepTimes, batch_bucket, expected_rates, exploring, plan_drafts
 from .relaxed import force_relaxed_drafts, force_tokens, relaxed_accepts, row_chunk, strict_only
 from .sampling import (
@@ -40,6 +40,7 @@ from .vocab_parallel import reduce_top1, shard_top1
 
 __all__ = [
     "Calibration",
+    "moving_average_in_order",
     "thinking_flags_ragged",
     "advance_thinking",
     "row_chunk",

@@ -46,7 +46,9 @@ def uniform_noise(seed: Ints, counter: Ints, stream: int = 0) -> Ints:
     """
     host = isinstance(counter, np.ndarray)
     seed = seed.reshape(tuple(seed.shape) + (1,) * (counter.ndim - seed.ndim))
-    if not host:
+    if host:  # uint64: a 32 x 32-bit product fits, so _mul32 is one multiply (the same bits, half the ops)
+        seed, counter = seed.astype(np.uint64), counter.astype(np.uint64)
+    else:
         seed, counter = seed.long(), counter.long()
     a: Ints | int = 0
     b: Ints | int = 0
@@ -60,7 +62,10 @@ def uniform_noise(seed: Ints, counter: Ints, stream: int = 0) -> Ints:
 
 
 def _mul32(x: Ints, c: int) -> Ints:
-    """(x * c) mod 2**32 for x in [0, 2**32): c is split in 16-bit halves so every partial product fits in int64."""
+    """(x * c) mod 2**32 for x in [0, 2**32). In int64 (torch) c is split in 16-bit halves so every partial product
+    fits; in uint64 (numpy) the whole product does."""
+    if isinstance(x, np.ndarray) and x.dtype == np.uint64:
+        return (x * np.uint64(c)) & _MASK32
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
 
 

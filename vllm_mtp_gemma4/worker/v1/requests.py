@@ -9,6 +9,8 @@ At admission each request gets a slot, and its row of per-slot columns is filled
   its ``stop_token_ids``), which relaxed acceptance never accepts;
 - ``min_p`` and ``logit_bias``, which vLLM drops from its logits processors whenever speculation is on;
 - its draft cap (``extra_args["num_speculative_tokens"]``, 0 = no drafts);
+- adaptive K's estimates (acceptance rate and confidence calibration per draft step, from the engine-wide ones at
+  admission), updated for the whole batch at once from each step's outcomes;
 - its thinking state, on the device: set from the prompt at admission, then advanced by the tokens each step
   commits (never rebuilt from history), so a prompt that ends inside an open block starts in thinking and
   preemption or chunked prefill cannot lose it.
@@ -20,7 +22,6 @@ the same requests in the same order (a decode run), so a steady step builds noth
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,19 +29,7 @@ import torch
 from torch import Tensor
 
 from vllm_mtp_gemma4.config import DRAFT_CAP_KEY, PluginConfig
-from vllm_mtp_gemma4.ops import GREEDY_TEMPERATURE, Calibration, thinking_flags
-
-
-@dataclass
-class AdaptiveState:
-    """Adaptive K (``ops/adaptive.py``, ``ops/cost.py``) per request: the rate at which its drafts are accepted at each
-    draft step (given the ones before were), how far to trust the assistant's confidence at each step, and the
-    assistant's confidence in the drafts it has in flight."""
-
-    acceptance: list[float]
-    calibration: list[Calibration]
-    pending_confidence: list[float] = field(default_factory=list)
-
+from vllm_mtp_gemma4.ops import GREEDY_TEMPERATURE, Calibration, moving_average_in_order, thinking_flags
 
 INITIAL_CALIBRATION = 4.0
 # Optimistic start: drafts get sent, so the outcomes that correct the estimates get observed.
@@ -63,6 +52,8 @@ class RowInputs(NamedTuple):
     logit_bias: tuple[Tensor, Tensor] | None  # token ids [B, W] int64, values [B, W] float32 (0-padded); None: unused
     max_top_k: int | None  # host int: the largest top_k of the sampled rows; None when one has none
     draft_caps: list[int] | None  # host: drafts each row may send next; None when no row is capped below K
+    vllm_samples: bool  # host: no row needs the plugin's own draws (a seeded sampled row, min_p, logit_bias), so a
+    # step without drafts can sample with vLLM's sampler
 
 
 def request_key(req_id: str) -> int:
@@ -91,20 +82,23 @@ class RequestTracker:
         self.device = device
         self.slot_of: dict[str, int] = {}
         self.free: list[int] = []
-        self.adaptive: dict[str, AdaptiveState] = {}
         # Engine-wide, per draft step: where a new request's estimates start.
-        self.acceptance = [INITIAL_ACCEPTANCE] * max_k
-        self.calibration = [Calibration.start(INITIAL_CALIBRATION)] * max_k
+        self.acceptance = np.full(max_k, INITIAL_ACCEPTANCE)
+        start = Calibration.start(INITIAL_CALIBRATION)
+        self.calibration = Calibration(np.full(max_k, start.accepted), np.full(max_k, start.confidence))
         self._strict_base = [] if thinking_close_id is None else [thinking_close_id]
         self._columns(INITIAL_SLOTS)
         self._batch_ids: list[str] | None = None
         self._batch: RowInputs | None = None
+        self._batch_slots = np.zeros(0, np.int64)
 
     def _columns(self, size: int) -> None:
         """(Re)allocate the per-slot columns at ``size`` slots, keeping what the first slots hold."""
         old = {name: getattr(self, name) for name in ("key", "greedy", "top_k", "relaxed", "topk", "delta", "min_p",
-                                                      "cap", "strict", "bias_len", "bias_ids", "bias_values",
-                                                      "thinking")
+                                                      "cap", "seeded", "strict", "bias_len", "bias_ids", "bias_values",
+                                                      "thinking", "slot_acceptance", "calibration_accepted",
+                                                      "calibration_confidence", "pending_confidence",
+                                                      "pending_count")
                if hasattr(self, name)}
         self.key = np.zeros(size, np.int64)
         self.greedy = np.zeros(size, bool)
@@ -114,11 +108,20 @@ class RequestTracker:
         self.delta = np.zeros(size, np.float32)
         self.min_p = np.zeros(size, np.float32)
         self.cap = np.zeros(size, np.int64)
+        self.seeded = np.zeros(size, bool)
         self.strict = np.full((size, old["strict"].shape[1] if old else 1), -1, np.int64)
         self.bias_len = np.zeros(size, np.int64)
         self.bias_ids = np.zeros((size, old["bias_ids"].shape[1] if old else 0), np.int64)
         self.bias_values = np.zeros_like(self.bias_ids, dtype=np.float32)
         self.thinking = torch.zeros(size, dtype=torch.bool, device=self.device)
+        # Adaptive K (``ops/adaptive.py``, ``ops/cost.py``), per slot and draft step: the rate at which the request's
+        # drafts are accepted (given the ones before were), its calibration of the assistant's confidence, and the
+        # confidences of the drafts it has in flight (the first ``pending_count``).
+        self.slot_acceptance = np.zeros((size, self.max_k))
+        self.calibration_accepted = np.zeros((size, self.max_k))
+        self.calibration_confidence = np.ones((size, self.max_k))
+        self.pending_confidence = np.zeros((size, self.max_k))
+        self.pending_count = np.zeros(size, np.int64)
         for name, column in old.items():
             getattr(self, name)[: len(column)] = column
         self.free += list(range(len(old.get("key", ())), size))[::-1]
@@ -136,6 +139,7 @@ class RequestTracker:
         greedy = params.temperature < GREEDY_TEMPERATURE
         self.key[slot] = request_key(req_id) if params.seed is None else params.seed
         self.greedy[slot] = greedy
+        self.seeded[slot] = params.seed is not None and not greedy
         self.top_k[slot] = params.top_k
         self.relaxed[slot] = relaxed.enabled and (opted_in or not greedy)
         self.topk[slot] = relaxed.topk
@@ -159,7 +163,10 @@ class RequestTracker:
         self.bias_values[slot, : len(bias)] = [float(v) for v in bias.values()]
         if self.open_id is not None and self.close_id is not None:
             self.thinking[slot] = _last_marker_state(prompt_token_ids, self.open_id, self.close_id)
-        self.adaptive[req_id] = AdaptiveState(list(self.acceptance), list(self.calibration))
+        self.slot_acceptance[slot] = self.acceptance
+        self.calibration_accepted[slot] = self.calibration.accepted
+        self.calibration_confidence[slot] = self.calibration.confidence
+        self.pending_count[slot] = 0
         self._batch_ids = None  # a slot's columns changed
 
     def forget(self, req_ids: set[str]) -> None:
@@ -167,7 +174,6 @@ class RequestTracker:
             slot = self.slot_of.pop(req_id, None)
             if slot is not None:
                 self.free.append(slot)
-                self.adaptive.pop(req_id, None)
 
     def rows(self, req_ids: list[str]) -> RowInputs:
         """The batch's rows' inputs, gathered from their slots when the batch changed, else the last step's."""
@@ -197,9 +203,17 @@ class RequestTracker:
             logit_bias=(to(self.bias_ids[slots, :width]), to(self.bias_values[slots, :width])) if width else None,
             max_top_k=int(sampled_top_k.max()) if sampled_top_k.size and sampled_top_k.min() > 0 else None,
             draft_caps=caps.tolist() if (caps < self.max_k).any() else None,
+            vllm_samples=not (self.seeded[slots].any() or min_p.any() or width),
         )
         self._batch_ids = list(req_ids)
+        self._batch_slots = slots
         return self._batch
+
+    def _slots(self, req_ids: list[str]) -> np.ndarray:
+        """The rows' slots: the cached batch's while it holds these requests in this order."""
+        if req_ids == self._batch_ids:
+            return self._batch_slots
+        return np.fromiter((self.slot_of[r] for r in req_ids), np.int64, len(req_ids))
 
     def thinking_of(self, rows: RowInputs) -> Tensor:
         """[B] bool on the device: whether each row is inside a thinking block after its committed tokens."""
@@ -214,48 +228,49 @@ class RequestTracker:
         after = thinking_flags(before, sampled.long(), self.open_id, self.close_id)[:, -1]
         self.thinking[rows.slots] = torch.where(discarded, before, after)
 
-    def survival(self, req_ids: list[str]) -> Tensor:
-        """[B, K] host float64: each request's chance that its drafts 1..j are all accepted, from its acceptance
-        rates (new requests start from the engine-wide ones)."""
-        rates = []
-        for req_id in req_ids:
-            state = self.adaptive.get(req_id)
-            rates.append(state.acceptance if state is not None else self.acceptance)
-        return torch.tensor(rates, dtype=torch.float64).reshape(len(req_ids), len(self.acceptance)).cumprod(dim=1)
+    def survival(self, req_ids: list[str]) -> np.ndarray:
+        """[B, K] float64: each request's chance that its drafts 1..j are all accepted, from its acceptance rates."""
+        return self.slot_acceptance[self._slots(req_ids)].cumprod(axis=1)
 
-    def calibrations(self, req_ids: list[str]) -> list[list[float]]:
-        """[B][K] per-step calibration of each request (new ones start from the engine-wide estimate)."""
-        rows = []
-        for req_id in req_ids:
-            state = self.adaptive.get(req_id)
-            rows.append([c.ratio for c in (state.calibration if state is not None else self.calibration)])
-        return rows
+    def calibrations(self, req_ids: list[str]) -> np.ndarray:
+        """[B, K] per-step calibration of each request."""
+        slots = self._slots(req_ids)
+        return Calibration(self.calibration_accepted[slots], self.calibration_confidence[slots]).ratio
 
     def observe_acceptance(self, req_ids: list[str], num_drafts: list[int], sampled: Tensor) -> None:
         """Update acceptance rates and calibrations with the outcome of every draft just verified (sampled: host,
-        -1 padded).
+        -1 padded), per request and engine-wide (in row order), for the whole batch at once.
 
         With a accepted out of n, drafts 1..a were accepted and draft a+1 (if a < n) was rejected; later drafts
         were never judged.
         """
-        accepted = ((sampled != -1).sum(dim=1) - 1).tolist()
-        for req_id, n, a in zip(req_ids, num_drafts, accepted):
-            state = self.adaptive.get(req_id)
-            if state is None or n == 0:
-                continue
-            judged = min(n, a + 1)
-            for step in range(judged):
-                outcome = float(step < a)
-                state.acceptance[step] += REQUEST_WEIGHT * (outcome - state.acceptance[step])
-                self.acceptance[step] += ENGINE_WEIGHT * (outcome - self.acceptance[step])
-            for step, confidence in enumerate(state.pending_confidence[:judged]):
-                outcome = step < a
-                state.calibration[step] = state.calibration[step].update(confidence, outcome, REQUEST_WEIGHT)
-                self.calibration[step] = self.calibration[step].update(confidence, outcome, ENGINE_WEIGHT)
+        slots = self._slots(req_ids)
+        accepted = (sampled != -1).sum(dim=1).numpy() - 1
+        judged = np.minimum(np.asarray(num_drafts), accepted + 1)
+        step = np.arange(self.max_k)
+        was_judged = step < judged[:, None]
+        outcome = (step < accepted[:, None]).astype(np.float64)
+        rates = self.slot_acceptance[slots]
+        self.slot_acceptance[slots] = np.where(was_judged, rates + REQUEST_WEIGHT * (outcome - rates), rates)
+        self.acceptance = moving_average_in_order(self.acceptance, outcome, was_judged, ENGINE_WEIGHT)
+        # Calibration: only the judged drafts whose confidence is known.
+        calibrated = was_judged & (step < self.pending_count[slots, None])
+        confidence = self.pending_confidence[slots]
+        mine = Calibration(self.calibration_accepted[slots], self.calibration_confidence[slots]).update(
+            confidence, outcome, REQUEST_WEIGHT, calibrated)
+        self.calibration_accepted[slots], self.calibration_confidence[slots] = mine.accepted, mine.confidence
+        engine = self.calibration
+        self.calibration = Calibration(
+            moving_average_in_order(engine.accepted, outcome, calibrated, ENGINE_WEIGHT),
+            moving_average_in_order(engine.confidence, confidence, calibrated, ENGINE_WEIGHT))
 
-    def expect(self, req_ids: list[str], counts: list[int], confidence: list[list[float]] | None) -> None:
-        """The drafts each request sends next, and the assistant's confidence in them (None: not known)."""
-        for row, (req_id, count) in enumerate(zip(req_ids, counts)):
-            state = self.adaptive.get(req_id)
-            if state is not None:
-                state.pending_confidence = [] if confidence is None else confidence[row][:count]
+    def expect(self, req_ids: list[str], counts: np.ndarray, confidence: np.ndarray | None) -> None:
+        """The drafts each request sends next ([B]), and the assistant's confidence in them ([B, >= max count];
+        None: not known)."""
+        slots = self._slots(req_ids)
+        if confidence is None:
+            self.pending_count[slots] = 0
+            return
+        width = min(confidence.shape[1], self.max_k)
+        self.pending_confidence[slots, :width] = confidence[:, :width]
+        self.pending_count[slots] = np.minimum(counts, width)

@@ -170,10 +170,15 @@ class FusedStepMixin:
         batch = self.input_batch
         num_rows = batch.num_reqs
         self._rows = rows = self.tracker.rows(batch.req_ids[:num_rows])
-        sampler_output, _ = self.verifier.verify(
-            logits, spec_decode_metadata, batch.sampling_metadata, rows, batch.spec_token_ids[:num_rows],
-            batch.num_tokens_no_spec[:num_rows].astype(np.int64),
-        )
+        if rows.vllm_samples and (spec_decode_metadata is None or not any(spec_decode_metadata.num_draft_tokens)):
+            # Nothing to verify and no row needing the plugin's draws: vLLM's own sampler, as in a plain step
+            # (the verifier's ops cost a plain step on the fixture about a fifth more).
+            sampler_output = self.sampler(logits, batch.sampling_metadata)
+        else:
+            sampler_output, _ = self.verifier.verify(
+                logits, spec_decode_metadata, batch.sampling_metadata, rows, batch.spec_token_ids[:num_rows],
+                batch.num_tokens_no_spec[:num_rows].astype(np.int64),
+            )
         if rows.any_relaxed:  # the thinking state, advanced on the device by what this step commits
             discarded = torch.from_numpy(self.discard_request_mask.np[:num_rows]).to(self.device, non_blocking=True)
             self.tracker.advance(rows, sampler_output.sampled_token_ids, discarded)
@@ -237,9 +242,9 @@ class FusedStepMixin:
                     self.tracker.observe_acceptance(req_ids, spec_decode_metadata.num_draft_tokens, sampled)
                 counts, confidence = chosen
                 if self._rows.draft_caps is not None:
-                    counts = [min(n, cap) for n, cap in zip(counts, self._rows.draft_caps)]
+                    counts = np.minimum(counts, self._rows.draft_caps)
                 self.tracker.expect(req_ids, counts, confidence)
-                next_drafts = [row[:n] for row, n in zip(next_drafts, counts)]
+                next_drafts = [row[:n] for row, n in zip(next_drafts, counts.tolist())]
             elif self._rows.draft_caps is not None:  # per-request caps (``vllm_xargs``)
                 next_drafts = [row[:cap] for row, cap in zip(next_drafts, self._rows.draft_caps)]
             self._draft_token_ids = next_drafts
@@ -280,8 +285,10 @@ class FusedStepMixin:
         with self._phase("draft"):
             plan = self._plan(req_ids) if adaptive else None
             steps = self.num_spec_tokens if plan is None else plan.steps
+            if self._rows.draft_caps is not None:  # no draft step beyond the largest per-request cap
+                steps = min(steps, max(self._rows.draft_caps))
             if steps and self._input_fits_in_drafter(spec_decode_common_attn_metadata):
-                if plan is not None:  # vLLM hands the proposer this many draft steps
+                if steps < self.num_spec_tokens or plan is not None:  # vLLM hands the proposer this many steps
                     scheduler_output.num_spec_tokens_to_schedule = steps
                 begin = time.perf_counter()
                 drafts = self.propose_draft_token_ids(
@@ -300,8 +307,7 @@ class FusedStepMixin:
         with self._phase("host"):
             sampled, next_drafts, chosen = self._read_step(sampler_output.sampled_token_ids, drafts, choice)
         if plan is not None and chosen is None:  # no confidence: the plan's counts (0 where nothing was drafted)
-            counts = plan.counts.tolist() if drafts is not None else [0] * len(req_ids)
-            chosen = (counts, None)
+            chosen = (plan.counts if drafts is not None else np.zeros(len(req_ids), np.int64), None)
         return sampled, sampler_output, next_drafts, chosen
 
     def _choose_num_drafts(self, plan: DraftPlan) -> Tensor | None:
@@ -310,15 +316,14 @@ class FusedStepMixin:
         confidence = self.drafter.last_confidence
         if confidence is None:
             return None
-        calibration = torch.tensor(self.tracker.calibrations(self.input_batch.req_ids),
-                                   device=confidence.device)
+        calibration = torch.from_numpy(self.tracker.calibrations(self.input_batch.req_ids)).to(confidence.device)
         chances = draft_chances(confidence, calibration)
         counts = choose_num_drafts(draft_survival(chances), plan.tau)
         return torch.cat([counts[:, None].double(), confidence.double()], dim=1)
 
     def _read_step(
         self, sampled: Tensor, drafts: Tensor | None, choice: Tensor | None
-    ) -> tuple[Tensor, list[list[int]], tuple[list[int], list[list[float]]] | None]:
+    ) -> tuple[Tensor, list[list[int]], tuple[np.ndarray, np.ndarray] | None]:
         """The step's one device-to-host read: sampled ids [B, K+1], next drafts [B, steps] and, with adaptive K,
         the per-request draft counts and confidences, packed in one tensor (float64 when mixed: ids stay exact).
 
@@ -335,7 +340,7 @@ class FusedStepMixin:
         end = width + drafts.shape[1]
         chosen = None
         if choice is not None:
-            chosen = (host[:, end].long().tolist(), host[:, end + 1:].tolist())
+            chosen = (host[:, end].long().numpy(), host[:, end + 1:].numpy())
         return host[:, :width].to(sampled.dtype), host[:, width:end].long().tolist(), chosen
 
 
@@ -349,7 +354,7 @@ def fused_step_counters(worker: Any) -> dict[str, Any]:
         # {kind: count} of the reads the fused steps made, with VLLM_MTP_GEMMA4_COUNT_HOST_READS=1; else None.
         "host_reads": dict(reads) if (reads := getattr(runner, "host_reads", None)) is not None else None,
         "phase_seconds": dict(getattr(runner, "phase_seconds", {})),
-        "calibration": [c.ratio for c in runner.tracker.calibration] if getattr(runner, "fused", False) else None,
+        "calibration": runner.tracker.calibration.ratio.tolist() if getattr(runner, "fused", False) else None,
         # Adaptive K: plans made, plans that drafted nothing, and the step seconds in use, per regime and batch-size
         # bucket (1, 2, 3-4, ... rows): by S = 0..K, then one draft step's (None: not measured).
         "plans": getattr(runner, "plans", 0),

@@ -8,8 +8,9 @@ argmax for greedy rows; for sampled rows one counter-based draw per position fro
 distribution, accepted iff it equals the draft (lossless for argmax drafts); relaxed acceptance at thinking
 positions of opted-in rows; with ``rejection_sample_method: "synthetic"``, every accept test replaced by a
 counter-based draw against the configured rate (``ops.synthetic_verdict``; not lossless). Rows without drafts
-(prefill, plain decoding steps) go through the same code with zero drafts, so a seeded request draws the same
-numbers whatever else shares its step.
+(prefill, plain decoding steps) go through the same code with zero drafts whenever a sampled row is seeded, so a
+seeded request draws the same numbers whatever else shares its step; a step with no drafts and no such row (nor
+``min_p`` or ``logit_bias``) is vLLM's own sampler's (the runner's ``_sample``).
 """
 
 from __future__ import annotations
