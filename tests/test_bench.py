@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_quick_benchmark_writes_results_plots_and_summary(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "vllm_mtp_gemma4.bench", "--quick", "--out", str(out),
-                           "--methods", "plain,upstream,plugin"],
+                           "--methods", "plain,upstream,plugin", "--batches", "1", "--max-tokens", "16"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
 

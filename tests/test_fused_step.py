@@ -2,7 +2,7 @@
 
 - one device-to-host read per step, counted by intercepting every torch call of the step
   (``worker/host_reads.py``), read through ``LLM.collective_rpc``;
-- sampled output is distributed like plain sampling (a two-sample chi-square over 6,000 continuations a side, with
+- sampled output is distributed like plain sampling (a two-sample chi-square over 3,000 continuations a side, with
   its power stated), and the same test rejects upstream vLLM's CPU sampler, the bug it is meant to catch; so is output
   with ``repetition_penalty``, ``logit_bias`` (on a token of the prompt) and ``min_p`` together, where applying the
   bias after the penalty instead of before it, as vLLM's sampler does, changes the distribution;
@@ -30,19 +30,21 @@ from .test_greedy_matrix import MATRIX_ENGINE, SMALL_CACHE, matrix_workload
 
 pytestmark = pytest.mark.engine
 
-SAMPLES = 6_000
+SAMPLES = 3_000
 UPSTREAM_SAMPLES = 2_000
 STAT_SAMPLING = {"temperature": 0.8, "top_p": 0.9, "max_tokens": 3, "ignore_eos": True}
 ALPHA = 1e-3  # per comparison; three comparisons per arm
-EFFECT = 0.1  # Cohen's w (small) the test detects with power > 0.95 (computed per view from its degrees of freedom)
+# Cohen's w the test detects with power > 0.95 (computed per view from its degrees of freedom): between small (0.1)
+# and medium (0.3); upstream's CPU error is far larger than 0.2.
+EFFECT = 0.15
 # Penalty, bias and min_p together. The bias is on 'a' (id 79), a token of STAT_PROMPT, so the repetition penalty
 # applies to it: bias then penalty (vLLM's order) gives it p = 0.015 as the first token, penalty then bias 0.158
 # (the target's fp32 logits through both orders, T=1, min_p 0.05): Cohen's w = 1.2 on the first token alone.
-BIAS_SAMPLES = 3_000
+BIAS_SAMPLES = 1_500
 BIAS_TOKEN = 79
 BIAS_SAMPLING = {"temperature": 1.0, "repetition_penalty": 2.0, "logit_bias": {BIAS_TOKEN: 5.0}, "min_p": 0.05,
                  "max_tokens": 3, "ignore_eos": True}
-BIAS_EFFECT = 0.1  # Cohen's w the penalty/bias test detects with power > 0.95 per view
+BIAS_EFFECT = 0.15  # Cohen's w the penalty/bias test detects with power > 0.95 per view
 BATCH_ENGINE = {**ENGINE, "max_num_seqs": 256}
 PLUGIN_SPEC = {**mtp_config(3), "vllm_mtp_gemma4": {}}
 

@@ -99,6 +99,7 @@ def test_tp2_centroid_assistant_with_local_argmax_is_token_identical(held_out_pr
     assert rank0["step_seconds"] == rank1["step_seconds"] and rank0["step_seconds"]  # rank 0's, measured
 
 
+@pytest.mark.scale  # two engines (CI's time); TP=2 local argmax with centroids stays in the default suite
 def test_local_argmax_on_one_rank_with_a_dense_assistant(held_out_prompts, plain_greedy):
     """``use_local_argmax_reduction`` with an assistant without centroids: upstream asserts, the plugin drafts."""
     spec = {**SPEC, "use_local_argmax_reduction": True}
@@ -225,6 +226,7 @@ def test_ray_tp2_on_model_runner_v2(held_out_prompts, plain_greedy, stale_ray_to
     assert result.spec.mean_acceptance_length > 1.5
 
 
+@pytest.mark.scale  # an error path of the Ray cluster (CI's time)
 def test_joining_without_the_clusters_token_is_one_clear_error(held_out_prompts, ray_cluster):
     """Issue 18's engine: ``RAY_ADDRESS`` set, ``RAY_AUTH_MODE`` unset, a stale ``~/.ray/auth_token`` that is not
     the cluster's token. One error naming address, auth mode and token file; no local instance, no second error."""
@@ -241,6 +243,7 @@ def test_joining_without_the_clusters_token_is_one_clear_error(held_out_prompts,
     assert "resources must not be provided" not in failure.value.log
 
 
+@pytest.mark.scale  # an error path of the Ray cluster (CI's time)
 def test_more_ranks_than_the_ray_cluster_holds_fails_fast(held_out_prompts, ray_cluster):
     start = time.monotonic()
     with pytest.raises(JobFailed) as failure:
@@ -383,6 +386,7 @@ def test_two_nodes_bytes_per_token(tp2_two_nodes):
     assert per_token > 100_000  # at least the target's logits gather crossed: the collectives ran on the veth
 
 
+@pytest.mark.scale  # a third engine on the two nodes (CI's time); their TP=2 engine is in the default suite
 def test_two_nodes_vllm_serve_as_the_readme_says(two_nodes, held_out_prompts, plain_greedy, tmp_path):
     """The README's command on the head node, ``vllm serve <target> --speculative-config configs/mtp.json
     --tensor-parallel-size 2 --distributed-executor-backend ray``, with the ranks on the two nodes: a completion
@@ -444,6 +448,7 @@ def test_draft_missing_on_the_worker_node_names_node_and_path(held_out_prompts, 
             in failure.value.log), first_error(failure.value.log)
 
 
+@pytest.mark.scale  # a long run (CI's time); the killed-worker test stays in the default suite
 def test_lost_worker_node_fails_the_engine_promptly(held_out_prompts, two_nodes, tp1):
     """The worker node vanishes mid-generation (its link goes silent, then every process in its namespaces dies):
     the engine fails within FAULT_REPORT_S naming the lost rank or node, and a new engine starts on the head."""
