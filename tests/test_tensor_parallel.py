@@ -278,12 +278,13 @@ def test_killed_ray_worker_fails_the_engine_promptly(held_out_prompts, ray_clust
 
     job = _long_generation(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SPEC}, prompts=held_out_prompts * 2,
                                env={**TP2_ENV, **ray_cluster.env}), ray_cluster.launcher, outcome)
+    earlier = set(ray_cluster.processes("CPURayWorkerProc"))  # an earlier job's actors Ray has not reaped yet
     deadline = time.monotonic() + 300
     busy: list[int] = []
-    while not busy and job.is_alive() and time.monotonic() < deadline:
+    while len(busy) < 2 and job.is_alive() and time.monotonic() < deadline:
         time.sleep(0.5)
-        busy = ray_cluster.processes("CPURayWorkerProc.run")
-    assert len(busy) == 2, "the Ray workers never reached their busy loop"
+        busy = [pid for pid in ray_cluster.processes("CPURayWorkerProc.run") if pid not in earlier]
+    assert len(busy) == 2, f"the Ray workers never reached their busy loop (found {busy})"
     time.sleep(15)  # the engine is generating by now: 64 requests of 1,024 tokens take minutes here
     assert job.is_alive()
     os.kill(busy[-1], signal.SIGKILL)
