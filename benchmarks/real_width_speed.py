@@ -110,8 +110,9 @@ def main() -> None:
 
 
 def write(out: Path, args: argparse.Namespace, started: float, engines: list, passes: list, batches: list[int]) -> str:
-    results = {"command": "python benchmarks/real_width_speed.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "machine": machine_info(),
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+             for k, v in vars(args).items() if v is not False]  # a store_true flag as typed
+    results = {"command": "python benchmarks/real_width_speed.py " + " ".join(flags), "machine": machine_info(),
         "rates": PUBLISHED_RATES, "wall_seconds": round(time.perf_counter() - started), "engines": engines,
         "passes": passes}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
