@@ -974,6 +974,7 @@ def test_calibration_learns_the_assistants_scale_across_confidences():
     assert abs(sum(ratios[3000:]) / 3000 - 3.0) < 0.2
     assert Calibration(100.0, 1.0).ratio == CALIBRATION_RANGE[1] and Calibration(0.0, 1.0).ratio == 0.25
 
+
 def test_batch_updates_equal_one_update_at_a_time():
     """The tracker updates a batch's estimates at once: the engine-wide moving average over masked rows in order,
     and per-row calibrations where a mask holds, give the numbers of a loop over rows (to rounding)."""

@@ -275,10 +275,9 @@ def _long_generation(job: Job, launcher: list[str], outcome: dict[str, object]) 
 def test_killed_ray_worker_fails_the_engine_promptly(held_out_prompts, ray_cluster):
     """SIGKILL one Ray worker mid-generation: the job ends with an error within FAULT_REPORT_S, nothing hangs."""
     outcome: dict[str, object] = {}
-
+    earlier = set(ray_cluster.processes("CPURayWorkerProc"))  # an earlier job's actors Ray has not reaped yet
     job = _long_generation(Job(engine={**ENGINE, **TP2_RAY, "speculative_config": SPEC}, prompts=held_out_prompts * 2,
                                env={**TP2_ENV, **ray_cluster.env}), ray_cluster.launcher, outcome)
-    earlier = set(ray_cluster.processes("CPURayWorkerProc"))  # an earlier job's actors Ray has not reaped yet
     deadline = time.monotonic() + 300
     busy: list[int] = []
     while len(busy) < 2 and job.is_alive() and time.monotonic() < deadline:
